@@ -1,0 +1,199 @@
+"""The placement plan: which sites get a LoRA, why, and the ready PEFT arguments, as versioned JSON.
+
+Every comparison arm is a plan: the strategies pick sites from a probe's ranking (`dominant`, `top-k`, `budget`)
+or by structure alone (`all-linear`, `attn-qv`, `ffn`, `last-k`, `random-1`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import PlacementError
+from .outputs import write_json
+from .sites import find_sites, fingerprint
+
+SCHEMA = "placement-plan/1"
+STRATEGIES = ("dominant", "top-k", "budget", "all-linear", "attn-qv", "ffn", "last-k", "random-1")
+ATTN_QV = {"q", "v", "qkv"}
+FFN = {"gate", "up", "down", "gate_up"}
+REQUIRED = ("schema", "model", "probe", "sites", "strategy", "targets", "peft")
+
+
+@dataclass
+class Strategy:
+    name: str = "dominant"
+    k: int | None = None  # top-k and last-k
+    max_params: int | None = None  # budget
+    seed: int = 0  # random-1
+
+    def check(self) -> None:
+        if self.name not in STRATEGIES:
+            raise PlacementError(f"unknown strategy {self.name}: choose one of {', '.join(STRATEGIES)}")
+        if self.name in ("top-k", "last-k") and (self.k is None or self.k < 1):
+            raise PlacementError(f"strategy {self.name} needs --k, a positive number")
+        if self.name == "budget" and (self.max_params is None or self.max_params < 1):
+            raise PlacementError("strategy budget needs --max-params, a positive number of trainable parameters")
+
+    def label(self) -> str:
+        if self.name in ("top-k", "last-k"):
+            return self.name.replace("k", str(self.k))
+        return self.name
+
+
+def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:
+    """The target module names a strategy picks from ranked site rows (dicts with site, layer, role, d_in, d_out,
+    score, rank), returned in model order so configs and adapters read naturally."""
+    strategy.check()
+    by_rank = sorted(sites, key=lambda s: s["rank"])
+    name = strategy.name
+    if name == "dominant":
+        chosen = by_rank[:1]
+    elif name == "top-k":
+        chosen = by_rank[: strategy.k]
+    elif name == "budget":
+        chosen = _budget(by_rank, strategy.max_params, r)
+    elif name == "all-linear":
+        chosen = sites
+    elif name == "attn-qv":
+        chosen = [s for s in sites if s["role"] in ATTN_QV]
+    elif name == "ffn":
+        chosen = [s for s in sites if s["role"] in FFN]
+    elif name == "last-k":
+        layers = sorted({s["layer"] for s in sites})[-strategy.k:]
+        chosen = [s for s in sites if s["layer"] in layers]
+    else:  # random-1, the control: one site drawn without looking at scores
+        chosen = [random.Random(strategy.seed).choice(sorted(sites, key=lambda s: s["site"]))]
+    if not chosen:
+        raise PlacementError(f"strategy {strategy.label()} selects no site in this model: choose another strategy")
+    picked = {s["site"] for s in chosen}
+    return [s["site"] for s in sites if s["site"] in picked]
+
+
+def _budget(by_rank: list[dict], max_params: int, r: int) -> list[dict]:
+    """Greedy by score per trainable parameter, skipping sites that no longer fit."""
+    cost = lambda s: r * (s["d_in"] + s["d_out"])  # noqa: E731
+    order = sorted(by_rank, key=lambda s: s["score"] / cost(s), reverse=True)
+    chosen, spent = [], 0
+    for s in order:
+        if spent + cost(s) <= max_params:
+            chosen.append(s)
+            spent += cost(s)
+    if not chosen:
+        smallest = min(cost(s) for s in by_rank)
+        raise PlacementError(f"--max-params {max_params} fits no site: the smallest LoRA here has {smallest} parameters")
+    return chosen
+
+
+@dataclass
+class Plan:
+    """A placement plan; `to_json()` is the file format, `schema: placement-plan/1`."""
+
+    model: dict
+    probe: dict
+    sites: list[dict]
+    strategy: dict
+    targets: list[str]
+    peft: dict
+    concentration: dict = field(default_factory=dict)
+    stability: dict = field(default_factory=dict)
+    trainable_params: int = 0
+    created: str = ""
+    tool_version: str = __version__
+    schema: str = SCHEMA
+
+    # -- building --------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, *, model: dict, probe: dict, sites: list[dict], strategy: Strategy, peft: dict,
+              concentration: dict | None = None, stability: dict | None = None,
+              rank_pattern: dict | None = None) -> "Plan":
+        targets = select(sites, strategy, peft["r"])
+        peft = dict(peft, target_modules=targets)
+        if rank_pattern:
+            peft["rank_pattern"] = rank_pattern
+        by_name = {s["site"]: s for s in sites}
+        params = sum(_rank_for(t, peft) * (by_name[t]["d_in"] + by_name[t]["d_out"]) for t in targets)
+        return cls(model=model, probe=probe, sites=sites, strategy=asdict(strategy) | {"label": strategy.label()},
+                   targets=targets, peft=peft, concentration=concentration or {}, stability=stability or {},
+                   trainable_params=params, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def with_strategy(self, strategy: Strategy, rank_pattern: dict | None = None) -> "Plan":
+        """The same probe and ranking, another choice of sites."""
+        base = {k: v for k, v in self.peft.items() if k not in ("target_modules", "rank_pattern")}
+        return Plan.build(model=self.model, probe=self.probe, sites=self.sites, strategy=strategy, peft=base,
+                          concentration=self.concentration, stability=self.stability, rank_pattern=rank_pattern)
+
+    # -- files -----------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        out = {"schema": self.schema}
+        out.update({k: v for k, v in asdict(self).items() if k != "schema"})
+        return _finite(out)
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise PlacementError(f"plan {path} not found: pass a plan.json or a profile's output folder")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PlacementError(f"plan {path} is not valid JSON ({err}): regenerate it with placement profile") from err
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise PlacementError(f"plan {path} has schema {found!r}, expected {SCHEMA}: regenerate it with placement profile")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise PlacementError(f"plan {path} lacks {', '.join(missing)}: regenerate it with placement profile")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # -- use -------------------------------------------------------------------------------------------------
+    def check(self, model) -> None:
+        """Refuse a model this plan was not made for: a missing site, or a different site fingerprint."""
+        names = {name for name, _ in model.named_modules()}
+        absent = [t for t in self.targets if t not in names]
+        if absent:
+            raise PlacementError(
+                f"site {absent[0]} of the plan is not in this model: profile this model and make a new plan"
+            )
+        expected = self.model.get("fingerprint")
+        found = fingerprint(find_sites(model))
+        if expected and expected != found:
+            raise PlacementError(
+                f"this model's sites (fingerprint {found}) differ from the plan's ({expected}): "
+                "the plan was made for another model; profile this one"
+            )
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(**self.peft)
+
+    @property
+    def label(self) -> str:
+        return self.strategy.get("label", self.strategy.get("name", "plan"))
+
+
+def _rank_for(target: str, peft: dict) -> int:
+    pattern = peft.get("rank_pattern") or {}
+    return int(pattern.get(target, peft["r"]))
+
+
+def _finite(obj):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,109 @@
+"""Profile a model end to end: data -> probe -> ranking -> plan, and write the profile folder.
+
+This is the composition the CLI, the demo and the notebook share; each step stays in its own module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from . import data as data_mod
+from .models import ModelSource
+from .outputs import atomic_path, write_csv
+from .plan import Plan, Strategy
+from .probe import ProbeResult, ProbeSettings, probe
+from .ranking import concentration, rank
+from .report import heatmap
+from .sites import Site, find_sites, fingerprint, num_layers
+
+CSV_COLUMNS = ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "score", "page_se",
+               "page_sampled", "grad_energy", "fisher", "coherence"]
+
+
+@dataclass
+class Profile:
+    result: ProbeResult
+    ranked: pd.DataFrame  # one row per site, by rank
+    plan: Plan
+    score: str
+
+    def summary(self) -> dict:
+        top = self.ranked.iloc[0]
+        conc = self.plan.concentration
+        return {
+            "dominant_site": top.site, "layer": int(top.layer), "role": top.role, "share": float(top.share),
+            "top1_top2_ratio": conc["top1_top2_ratio"], "effective_sites": conc["effective_sites"],
+            "gini": conc["gini"], "score": self.score, "mode": self.result.settings.mode,
+            "batches": self.result.batches, "tokens": self.result.tokens, "seconds": round(self.result.seconds, 2),
+            "sites": len(self.ranked),
+        }
+
+
+def model_block(model, source: ModelSource, sites: list[Site]) -> dict:
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return {
+        "name": source.name, "path": source.path, "revision": source.revision, "note": source.note,
+        "architecture": architectures[0], "model_type": getattr(config, "model_type", None),
+        "num_layers": num_layers(model), "num_sites": len(sites), "fingerprint": fingerprint(sites),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def calibration_batches(tokenizer, spec: str, *, batches: int, batch_size: int, max_length: int, seed: int):
+    records = data_mod.load_records(spec, seed=seed)
+    examples = data_mod.to_examples(records)
+    return data_mod.make_batches(tokenizer, examples, batch_size=batch_size, batches=batches,
+                                 max_length=max_length, seed=seed)
+
+
+def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
+                max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
+                strategy: Strategy | None = None, progress: bool = False) -> Profile:
+    settings = settings or ProbeSettings()
+    settings.check()
+    strategy = strategy or Strategy()
+    strategy.check()
+    sites = find_sites(model)
+    calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size,
+                                max_length=max_length, seed=settings.seed)
+    result = probe(model, sites, calib, settings, progress=progress)
+    if score == "grad_energy" and settings.mode == "fast":
+        from .errors import PlacementError
+
+        raise PlacementError("--score grad_energy needs the exact probe: drop --fast")
+    ranked = rank(result.scores, score)
+    probe_block = {
+        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
+        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
+        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
+    }
+    site_rows = [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in ranked[["site", "layer", "role", "d_in", "d_out", "score", "share", "rank"]].to_dict("records")
+    ]
+    plan = Plan.build(model=model_block(model, source, sites), probe=probe_block, sites=site_rows,
+                      strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked))
+    return Profile(result, ranked, plan, score)
+
+
+def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Path]:
+    """scores.csv, plan.json, heatmap.png (and its log-scale twin), and the per-batch scores, each atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in CSV_COLUMNS if c in profile.ranked.columns]
+    write_csv(out / "scores.csv", profile.ranked[columns])
+    profile.plan.save(out / "plan.json")
+    heatmap(profile.ranked, out / "heatmap.png", title=title)
+    heatmap(profile.ranked, out / "heatmap_log.png", title=title, log=True)
+    # Per-batch page values in model site order, for bootstrap and convergence without re-probing.
+    with atomic_path(out / "batch_scores.safetensors") as tmp:
+        save_file({"page": torch.from_numpy(np.ascontiguousarray(profile.result.batch_page))}, str(tmp),
+                  metadata={"sites": ",".join(profile.result.scores["site"])})
+    return [out / name for name in ("scores.csv", "plan.json", "heatmap.png", "heatmap_log.png",
+                                    "batch_scores.safetensors")]

@@ -1,0 +1,80 @@
+"""Figures and tables a person would rather look at than read."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from .outputs import atomic_path  # noqa: E402
+from .ranking import margins, share_grid  # noqa: E402
+from .sites import ROLES  # noqa: E402
+
+
+def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, annotate_top: int = 5) -> None:
+    """Share of the score per (role, layer), layers across, roles down, with margins; the dominant site boxed.
+
+    Roles run down because there are few of them and layers run across because there can be many: a 30-layer
+    model stays readable on a laptop screen.
+    """
+    grid = share_grid(ranked, ROLES)
+    roles, layers = list(grid.index), list(grid.columns)
+    values = grid.to_numpy(dtype=float)
+    role_margin, layer_margin = margins(ranked)
+
+    fig = plt.figure(figsize=(max(8.0, 0.32 * len(layers) + 3.5), 1.1 + 0.42 * len(roles) + 1.6))
+    grid_spec = fig.add_gridspec(2, 3, width_ratios=[max(4, len(layers)), 3.2, 0.35], height_ratios=[1.2, len(roles)],
+                                 wspace=0.05, hspace=0.06)
+    ax = fig.add_subplot(grid_spec[1, 0])
+    top = fig.add_subplot(grid_spec[0, 0], sharex=ax)
+    side = fig.add_subplot(grid_spec[1, 1], sharey=ax)
+    cax = fig.add_subplot(grid_spec[1, 2])
+
+    positive = values[np.isfinite(values) & (values > 0)]
+    if log and len(positive):
+        norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max())
+        shown = np.where(values > 0, values, np.nan)
+    else:
+        norm = Normalize(vmin=0, vmax=np.nanmax(values) if np.isfinite(values).any() else 1)
+        shown = values
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("#f2f2f2")  # role absent in this layer, or zero share on a log scale
+    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    fig.colorbar(image, cax=cax, label="share of total score" + (" (log)" if log else ""))
+
+    ax.set_yticks(range(len(roles)), roles)
+    step = 1 if len(layers) <= 32 else int(np.ceil(len(layers) / 32))
+    ax.set_xticks(range(0, len(layers), step), [str(layer) for layer in layers][::step], fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("role")
+
+    best = ranked.sort_values("rank").head(annotate_top)
+    for i, row in enumerate(best.itertuples()):
+        x, y = layers.index(row.layer), roles.index(row.role)
+        colour = "white" if norm(row.share) > 0.55 else "black"
+        ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
+                fontsize=7, color=colour)
+        if i == 0:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
+
+    top.bar(range(len(layers)), [layer_margin.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
+    top.set_ylabel("layer\nshare", fontsize=8)
+    top.tick_params(labelbottom=False, labelsize=7)
+    side.barh(range(len(roles)), [role_margin.get(role, 0.0) for role in roles], color="#555", height=0.7)
+    side.set_xlabel("role share", fontsize=8)
+    side.tick_params(labelleft=False, labelsize=7)
+    for a in (top, side):
+        for spine in ("top", "right"):
+            a.spines[spine].set_visible(False)
+
+    dominant = best.iloc[0]
+    headline = f"dominant: {dominant.site}  ({100 * dominant.share:.1f}% of the score)"
+    fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=10, y=0.995)
+    fig.text(0.01, 0.005, "cells: % share for the top sites; boxed: the dominant site", fontsize=7, color="#666")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    plt.close(fig)

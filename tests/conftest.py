@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_batch(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = 90):
+    """Random token ids with ragged lengths, right padding and prompt tokens masked out of the labels."""
+    from placement.data import collate
+
+    g = torch.Generator().manual_seed(seed)
+    rendered = []
+    for i in range(batch):
+        n = length - i * 2
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        prompt = 3 + i
+        rendered.append((ids, [-100] * prompt + ids[prompt:]))
+    return collate(rendered, pad_id=0)
+
+
+@pytest.fixture
+def batches():
+    return [random_batch(seed) for seed in range(3)]

@@ -1,0 +1,147 @@
+"""The probe against PEFT as the oracle, against Monte Carlo, and its promises about memory and state."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_batch
+from peft import LoraConfig, get_peft_model
+
+from placement import scores
+from placement.probe import ProbeSettings, probe, token_loss
+from placement.sites import find_sites
+from tiny import FAMILIES, tiny_model
+
+
+def peft_lora_b_energy(model, site, batch, r, alpha, seed, use_rslora=False):
+    """||grad lora_B||^2 of a real PEFT model with one LoRA at `site`, same seed and batch."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=[site], r=r, lora_alpha=alpha, use_rslora=use_rslora))
+    peft_model.eval()
+    loss = token_loss(peft_model.base_model.model, batch)
+    loss.backward()
+    layer = peft_model.base_model.model.get_submodule(site)
+    return float(layer.lora_B["default"].weight.grad.double().pow(2).sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_page_sampled_equals_peft_lora_b_grad(family, use_rslora):
+    model = tiny_model(family)
+    batch = random_batch(1)
+    sites = find_sites(model)
+    settings = ProbeSettings(r=4, alpha=8, seed=7, use_rslora=use_rslora)
+    result = probe(model, sites, [batch], settings).scores.set_index("site")
+    seen_roles = set()
+    for site in sites:
+        if site.role in seen_roles and site.layer == 0:
+            continue
+        seen_roles.add(site.role)
+        oracle = peft_lora_b_energy(model, site.name, batch, 4, 8, 7, use_rslora)
+        assert oracle > 0
+        assert result.loc[site.name, "page_sampled"] == pytest.approx(oracle, rel=1e-5), site.name
+
+
+def test_page_is_the_mean_of_page_sampled_over_seeds():
+    model = tiny_model("llama")
+    batch = random_batch(2)
+    sites = [s for s in find_sites(model) if s.layer == 0]
+    exact = probe(model, sites, [batch], ProbeSettings(r=2, alpha=4)).scores
+    draws = np.array([
+        probe(model, sites, [batch], ProbeSettings(r=2, alpha=4, seed=seed)).scores["page_sampled"].to_numpy()
+        for seed in range(300)
+    ])
+    mean, se = draws.mean(0), draws.std(0) / np.sqrt(len(draws))
+    assert np.all(np.abs(mean - exact["page"].to_numpy()) < 4 * se + 1e-12)
+
+
+def test_fast_mode_estimates_page_and_keeps_page_sampled_exact(batches):
+    model = tiny_model("qwen2")
+    sites = find_sites(model)
+    exact = probe(model, sites, batches, ProbeSettings(seed=3)).scores
+    fast = probe(model, sites, batches, ProbeSettings(seed=3, mode="fast", draws=64)).scores
+    np.testing.assert_allclose(fast["page_sampled"], exact["page_sampled"], rtol=1e-5)
+    assert fast["grad_energy"].isna().all() and (fast["page_se"] > 0).all()
+    z = (fast["page"] - exact["page"]).abs() / fast["page_se"]
+    assert (z < 5).all()
+    rel = (fast["fisher"] - exact["fisher"]).abs() / exact["fisher"]
+    assert rel.median() < 0.3
+
+
+def test_exact_aggregates_match_a_direct_computation(batches):
+    """page = mean_b s^2 r/(3 d_in) ||G_b||^2 with G_b from autograd on the weight itself."""
+    model = tiny_model("llama")
+    site = find_sites(model)[6]  # a down projection
+    result = probe(model, [site], batches, ProbeSettings(r=4, alpha=8)).scores.iloc[0]
+    weight = model.get_submodule(site.name).weight
+    energies, fisher, examples = [], 0.0, 0
+    for batch in batches:
+        weight.requires_grad_(True)
+        weight.grad = None
+        token_loss(model, batch).backward()
+        energies.append(float(weight.grad.double().pow(2).sum()))
+        counts = (batch.labels[:, 1:] != -100).sum(1)
+        for i in range(batch.input_ids.shape[0]):  # per-example gradient of the example's own mean loss
+            weight.grad = None
+            one = type(batch)(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1], batch.labels[i:i + 1])
+            token_loss(model, one).backward()
+            fisher += float(weight.grad.double().pow(2).sum())
+            examples += 1
+        weight.requires_grad_(False)
+        assert counts.min() > 0
+    factor = scores.expected_factor(4, 8, site.d_in)
+    assert result["grad_energy"] == pytest.approx(np.mean(energies), rel=1e-5)
+    assert result["page"] == pytest.approx(factor * np.mean(energies), rel=1e-5)
+    assert result["fisher"] == pytest.approx(factor * fisher / examples, rel=1e-4)
+    assert 0 < result["coherence"] <= 1
+
+
+def test_probe_leaves_base_frozen_and_gradient_free(batches):
+    model = tiny_model("gpt2")
+    model.train()
+    model.requires_grad_(False)
+    probe(model, find_sites(model), batches)
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    assert model.training  # the caller's mode is restored, and the input-grad hook removed
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad is False
+    model.requires_grad_(True)  # a caller's trainable flags are restored, and still no weight gradient is formed
+    probe(model, find_sites(model), batches)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_probe_is_deterministic_and_leaves_the_rng_alone(batches):
+    model = tiny_model("mistral")
+    sites = find_sites(model)
+    torch.manual_seed(123)
+    first = probe(model, sites, batches, ProbeSettings(seed=5)).scores
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    second = probe(model, sites, batches, ProbeSettings(seed=5)).scores
+    assert torch.equal(after, torch.rand(1))
+    assert first.equals(second)
+
+
+def test_gradient_checkpointing_keeps_the_scores(batches):
+    model = tiny_model("llama")
+    sites = find_sites(model)
+    plain = probe(model, sites, batches).scores
+    checkpointed = probe(model, sites, batches, ProbeSettings(checkpointing=True)).scores
+    for col in ("page", "page_sampled", "grad_energy", "fisher"):
+        np.testing.assert_allclose(checkpointed[col], plain[col], rtol=1e-5)
+
+
+def test_token_loss_matches_transformers_loss():
+    for family in FAMILIES:
+        model = tiny_model(family)
+        batch = random_batch(4)
+        ours = token_loss(model, batch)
+        theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-5), family
+
+
+def test_unsupported_init_is_refused():
+    from placement.errors import PlacementError
+
+    with pytest.raises(PlacementError, match="init_lora_weights"):
+        ProbeSettings(init_lora_weights="gaussian").check()
