@@ -120,16 +120,17 @@ def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, 
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .plan import Strategy
     from .probe import ProbeSettings
-    from .profile import run_profile, write_profile
+    from .profile import load_examples, run_profile, write_profile
 
     chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
     chosen.check()
     settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
                              use_rslora=rslora, checkpointing=checkpointing)
     settings.check()
+    examples = load_examples(data, seed)  # read the data before the model: a bad file fails in a second
     lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
     result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size, max_length=max_length,
-                         settings=settings, score=score, strategy=chosen, progress=not quiet)
+                         settings=settings, score=score, strategy=chosen, progress=not quiet, examples=examples)
     write_profile(result, out, title=f"{source.name} on {data}: {score}")
     summary = result.summary() | {"out": out, "targets": result.plan.targets}
     ratio = summary["top1_top2_ratio"]
@@ -149,12 +150,15 @@ def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, 
 @click.argument("source", type=click.Path())
 @strategy_options
 @click.option("--r", "rank", type=int, default=None, help="LoRA rank of the plan (default: the probe's)")
+@click.option("--model", "check_model", default=None, help="check the plan against this model first (" + MODEL_HELP + ")")
+@click.option("--trust-remote-code", is_flag=True, help="allow the model's own code when checking --model")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan JSON here")
 @click.option("--peft-config", type=click.Path(file_okay=False), default=None,
               help="write PEFT's adapter_config.json into this folder")
 @output_options
 @user_errors
-def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, out, peft_config, as_json, quiet):
+def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, trust_remote_code, out, peft_config,
+             as_json, quiet):
     """Make a placement plan from a profile's folder (or its scores.csv, with plan.json beside it)."""
     from .outputs import atomic_dir
     from .plan import Plan, Strategy
@@ -165,12 +169,14 @@ def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, out, peft_con
         raise PlacementError(f"{source} not found: pass the --out folder of placement profile")
     base = Plan.load(folder / "plan.json")
     chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
-    rank_pattern = None
     if rank is not None:
         base.peft = dict(base.peft, r=rank)
-    new = base.with_strategy(chosen, rank_pattern=rank_pattern)
+    new = base.with_strategy(chosen)
     if out is None and peft_config is None:
         raise PlacementError("nothing to write: pass --out FILE.json and/or --peft-config FOLDER")
+    if check_model:
+        lm, _, _ = _load(check_model, "float32", "cpu", trust_remote_code, quiet=True)
+        new.check(lm)
     if out:
         new.save(out)
     if peft_config:

@@ -91,6 +91,9 @@ def _csv_as_text(path: Path) -> dict:
 
 def _load_file(path: Path, spec: str):
     from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # a local file loads in a blink; its bars would only clutter error lines
 
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:

@@ -55,23 +55,29 @@ def model_block(model, source: ModelSource, sites: list[Site]) -> dict:
     }
 
 
-def calibration_batches(tokenizer, spec: str, *, batches: int, batch_size: int, max_length: int, seed: int):
-    records = data_mod.load_records(spec, seed=seed)
-    examples = data_mod.to_examples(records)
+def load_examples(spec: str, seed: int = 0) -> list:
+    return data_mod.to_examples(data_mod.load_records(spec, seed=seed))
+
+
+def calibration_batches(tokenizer, spec: str, *, batches: int, batch_size: int, max_length: int, seed: int,
+                        examples: list | None = None):
+    if examples is None:
+        examples = load_examples(spec, seed)
     return data_mod.make_batches(tokenizer, examples, batch_size=batch_size, batches=batches,
                                  max_length=max_length, seed=seed)
 
 
 def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
                 max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
-                strategy: Strategy | None = None, progress: bool = False) -> Profile:
+                strategy: Strategy | None = None, progress: bool = False, examples: list | None = None) -> Profile:
+    """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast)."""
     settings = settings or ProbeSettings()
     settings.check()
     strategy = strategy or Strategy()
     strategy.check()
     sites = find_sites(model)
     calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size,
-                                max_length=max_length, seed=settings.seed)
+                                max_length=max_length, seed=settings.seed, examples=examples)
     result = probe(model, sites, calib, settings, progress=progress)
     if score == "grad_energy" and settings.mode == "fast":
         from .errors import PlacementError

@@ -41,8 +41,8 @@ def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, anno
     else:
         norm = Normalize(vmin=0, vmax=np.nanmax(values) if np.isfinite(values).any() else 1)
         shown = values
-    cmap = plt.get_cmap("magma_r").copy()
-    cmap.set_bad("#f2f2f2")  # role absent in this layer, or zero share on a log scale
+    # grey: role absent in this layer, or zero share on a log scale
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#f2f2f2")
     image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     fig.colorbar(image, cax=cax, label="share of total score" + (" (log)" if log else ""))
 

@@ -1,0 +1,160 @@
+"""The command line on a tiny model saved to disk: outputs, JSON summaries, and one-line errors for bad input."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from placement.cli import main
+from placement.plan import Plan
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_model("qwen2", num_hidden_layers=3, intermediate_size=20).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profiled(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "arith"
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "2",
+                    "--batch-size", "4", "--out", out, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_sites_json_lists_every_site(model_dir):
+    result = invoke("sites", "--model", model_dir, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 3 * 7
+    assert set(rows[0]) == {"site", "layer", "role", "d_in", "d_out"}
+    assert rows[-1] == {"site": "model.layers.2.mlp.down_proj", "layer": 2, "role": "down", "d_in": 24, "d_out": 16}
+
+
+def test_profile_writes_scores_plan_and_heatmap(profiled):
+    out, summary = profiled
+    scores = pd.read_csv(out / "scores.csv")
+    for column in ("site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "page_sampled",
+                   "grad_energy", "fisher"):
+        assert column in scores.columns
+    assert list(scores["rank"]) == list(range(1, len(scores) + 1))
+    assert scores["share"].sum() == pytest.approx(1.0)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["schema"] == "placement-plan/1"
+    assert plan["peft"]["target_modules"] == [scores.iloc[0]["site"]] == [summary["dominant_site"]]
+    assert {"score", "mode", "draws", "r", "alpha", "seed", "batches", "batch_size", "max_length", "tokens",
+            "data"} <= set(plan["probe"])
+    assert plan["probe"]["r"] == 8 and plan["probe"]["alpha"] == 16 and plan["probe"]["batches"] == 2
+    assert plan["model"]["fingerprint"].startswith("sha256:")
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_plan_top_k_and_peft_config(profiled, model_dir, tmp_path):
+    out, _ = profiled
+    result = invoke("plan", out, "--strategy", "top-k", "--k", "4", "--out", tmp_path / "top4.json",
+                    "--peft-config", tmp_path / "peft", "--model", model_dir, "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(tmp_path / "top4.json")
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(plan.targets) == set(scores["site"][:4])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(plan.targets) and config["r"] == 8
+    from_csv = invoke("plan", out / "scores.csv", "--strategy", "ffn", "--out", tmp_path / "ffn.json")
+    assert from_csv.exit_code == 0, from_csv.output
+
+
+def test_fast_profile_reports_page_se(model_dir, tmp_path):
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1",
+                    "--batch-size", "2", "--fast", "--draws", "4", "--out", tmp_path / "fast", "--quiet")
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "fast" / "scores.csv")
+    assert scores["page_se"].gt(0).all() and scores["grad_energy"].isna().all()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "./no/such/model"], ["not found"]),
+    (["--model", "no-such-alias"], ["unknown model", "smollm2-135m"]),
+    (["--data", "builtin:nope"], ["unknown builtin", "arithmetic"]),
+    (["--batches", "0"], ["--batches"]),
+    (["--max-length", "3"], ["--max-length"]),
+])
+def test_profile_bad_input(model_dir, tmp_path, args, words):
+    base = {"--model": str(model_dir), "--data": "builtin:arithmetic"}
+    pairs = dict(zip(args[::2], args[1::2]))
+    merged = {**base, **pairs}
+    flat = [x for kv in merged.items() for x in kv]
+    out = tmp_path / "out"
+    result = invoke("profile", *flat, "--batch-size", "2", "--out", out, "--quiet")
+    assert_one_line_error(result, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", ["empty"]),
+    ('{"question": "q", "label": 1}\n', ["question", "instruction"]),
+    ("{not json\n", ["cannot read"]),
+])
+def test_profile_bad_data_files(model_dir, tmp_path, content, words):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    out = tmp_path / "out"
+    result = invoke("profile", "--model", model_dir, "--data", data, "--out", out, "--quiet")
+    assert_one_line_error(result, *words)
+    assert not out.exists()
+
+
+def test_profile_missing_data_file(model_dir, tmp_path):
+    result = invoke("profile", "--model", model_dir, "--data", tmp_path / "none.json", "--out", tmp_path / "o")
+    assert_one_line_error(result, "not found")
+
+
+def test_plan_for_another_model_is_refused(profiled, other_model_dir, tmp_path):
+    out, _ = profiled
+    result = invoke("plan", out, "--model", other_model_dir, "--out", tmp_path / "p.json")
+    assert_one_line_error(result, "fingerprint")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_with_missing_site_is_refused(profiled, model_dir, tmp_path):
+    out, _ = profiled
+    data = json.loads((out / "plan.json").read_text())
+    data["sites"][0]["site"] = "model.layers.9.mlp.down_proj"
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    result = invoke("plan", tmp_path, "--model", model_dir, "--out", tmp_path / "p.json")
+    assert_one_line_error(result, "model.layers.9.mlp.down_proj", "not in this model")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_corrupt_plan_is_refused(tmp_path):
+    (tmp_path / "plan.json").write_text('{"schema": "placement-plan/1", "model": ')
+    result = invoke("plan", tmp_path, "--out", tmp_path / "p.json")
+    assert_one_line_error(result, "not valid JSON")
+    assert not (tmp_path / "p.json").exists()
