@@ -45,22 +45,35 @@ def projected_grads(d: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
 
 
 def weight_grad_energies(x: torch.Tensor, d: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
-    """(||G||^2, sum_i c_i^2 ||G_i||^2) with G_i = d_i^T x_i, the per-example weight gradients.
+    """(||G||^2, sum_i c_i^2 ||G_i||^2) with G_i = d_i^T x_i, the per-example weight gradients, exactly.
 
-    G_i are formed a chunk of examples at a time and dropped, so at most CHUNK_ELEMENTS are held.
+    ||d^T x||_F^2 = sum(d d^T * x x^T): through token Gram matrices the energy costs T^2 (d_in + d_out) instead of
+    T d_in d_out, far less whenever a sequence is shorter than d_in d_out / (d_in + d_out) tokens. Each energy
+    takes whichever route is cheaper; G_i, when formed, are formed a chunk of examples at a time and dropped.
     """
-    batch, _, d_in = x.shape
+    batch, length, d_in = x.shape
     d_out = d.shape[-1]
-    step = max(1, CHUNK_ELEMENTS // (d_out * d_in))
-    total = torch.zeros(d_out, d_in, dtype=torch.float32, device=x.device)
-    per_example = 0.0
-    for start in range(0, batch, step):
-        g_i = torch.bmm(d[start:start + step].float().transpose(1, 2), x[start:start + step].float())
-        w = weights[start:start + step].to(g_i.device, torch.float64)
-        per_example += float((g_i.pow(2).sum(dim=(1, 2)).double() * w.pow(2)).sum())
-        total += g_i.sum(dim=0)
-        del g_i
-    return float(total.double().pow(2).sum()), per_example
+    x, d = x.float(), d.float()
+    gram_cheaper = lambda tokens: tokens * (d_in + d_out) < d_in * d_out  # noqa: E731
+    if gram_cheaper(length):
+        per = _gram_energy(x, d)
+    else:
+        per = torch.cat([
+            torch.bmm(d[i:i + step].transpose(1, 2), x[i:i + step]).pow(2).sum(dim=(1, 2))
+            for step in [max(1, CHUNK_ELEMENTS // (d_out * d_in))] for i in range(0, batch, step)
+        ]).double()
+    per_example = float((per * weights.to(per.device, torch.float64).pow(2)).sum())
+    flat_x, flat_d = x.reshape(1, -1, d_in), d.reshape(1, -1, d_out)
+    if gram_cheaper(batch * length):
+        total = float(_gram_energy(flat_x, flat_d)[0])
+    else:
+        total = float(torch.mm(flat_d[0].t(), flat_x[0]).double().pow(2).sum())
+    return total, per_example
+
+
+def _gram_energy(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """||d_i^T x_i||_F^2 per leading index from the token Gram matrices, summed in float64: (B,)."""
+    return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).double().sum(dim=(1, 2))
 
 
 def draw_energies(g: torch.Tensor, r: int) -> torch.Tensor:

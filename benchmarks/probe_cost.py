@@ -1,0 +1,490 @@
+"""What the PAGE probe costs, next to the work it cannot avoid and the work a user would otherwise write.
+
+Four arms, each over the same list of calibration batches:
+
+  floor  a plain forward + backward through `token_loss` with every base weight frozen and the input embeddings
+         requiring grad: the gradient has to reach every site, so no probe can be cheaper than this.
+  exact  `probe(model, sites, batches, ProbeSettings())`.
+  fast   `probe(..., ProbeSettings(mode="fast", draws=8))`.
+  naive  what a user would write: `requires_grad` on every site's weight, one backward of `token_loss` per batch,
+         ||weight.grad||^2 read at every site, grads dropped.
+
+They run on the embedded model (builtin:arithmetic calibration data) and on a tiny random llama (random token
+batches). Wall times are medians of interleaved rounds (floor, exact, fast, naive, floor, ...) after one warm-up
+round. Peak memory is measured per arm in a fresh child process running this script with `--arm`: on CPU the peak
+resident set (VmHWM after resetting it through /proc/self/clear_refs, or a 5 ms VmRSS sampler where that reset
+does not work) minus the resident set once the model and batches are loaded and the arm has run once on two
+examples (so lazy imports and one-time set-up are not counted; freed heap is trimmed before the baseline); on CUDA
+`torch.cuda.max_memory_allocated` minus the memory allocated at that point.
+
+    python benchmarks/probe_cost.py                 # both models, 5 rounds
+    python benchmarks/probe_cost.py --rounds 2      # a quick look
+    python benchmarks/probe_cost.py --tiny-only     # seconds, no model download or cache needed
+    python benchmarks/probe_cost.py --device cuda
+
+The last line reads `fast/floor=... exact/naive=... peak_mem exact/naive=... fast_spearman=...`, with figures
+from the embedded model (from the tiny model under --tiny-only).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from placement.probe import ProbeSettings, probe, token_loss  # noqa: E402
+from placement.sites import candidate_weight_bytes, find_sites, modules_by_name  # noqa: E402
+
+ARMS = ("floor", "exact", "fast", "naive")
+TARGETS = ("tiny", "embedded")
+RESULT_TAG = "PROBE_COST_ARM "
+MB = 1024 * 1024
+
+# Targets, checked on the embedded model (the tiny one under --tiny-only).
+FAST_OVER_FLOOR = 1.10
+EXACT_OVER_NAIVE = 1.00
+MEMORY_SAVING = 0.8  # naive peak - exact peak, as a share of the candidate weights' size
+MIN_SPEARMAN = 0.9
+
+
+# -- what is measured --------------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    label: str
+    model: torch.nn.Module
+    sites: list
+    batches: list
+    device: torch.device
+    weight_bytes: int
+    describe: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def arm_floor(work: Workload, draws: int):
+    """Forward + backward with a frozen base and input embeddings requiring grad; nothing is read."""
+    model = work.model
+    model.enable_input_require_grads()
+    try:
+        for batch in work.batches:
+            token_loss(model, batch.to(work.device)).backward()
+    finally:
+        model.disable_input_require_grads()
+    return None
+
+
+def arm_exact(work: Workload, draws: int):
+    return probe(work.model, work.sites, work.batches, ProbeSettings()).scores
+
+
+def arm_fast(work: Workload, draws: int):
+    return probe(work.model, work.sites, work.batches, ProbeSettings(mode="fast", draws=draws)).scores
+
+
+def arm_naive(work: Workload, draws: int):
+    """Every site's weight requires grad; one backward per batch; ||grad||^2 per site (the mean over batches is
+    the exact probe's `grad_energy`); grads dropped before the next batch."""
+    modules = modules_by_name(work.model, work.sites)
+    weights = [modules[s.name].weight for s in work.sites]
+    energy = torch.zeros(len(weights), dtype=torch.float64)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for batch in work.batches:
+            token_loss(work.model, batch.to(work.device)).backward()
+            for i, w in enumerate(weights):
+                if w.grad is not None:
+                    energy[i] += float(w.grad.double().pow(2).sum())
+                    w.grad = None
+    finally:
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(False)
+    return energy / len(work.batches)
+
+
+RUNNERS = {"floor": arm_floor, "exact": arm_exact, "fast": arm_fast, "naive": arm_naive}
+
+
+# -- building the two workloads ----------------------------------------------------------------------------------
+def random_batches(count: int, batch_size: int, max_length: int, vocab: int, seed: int) -> list:
+    """Random token ids with ragged lengths, right padding and the first quarter of each example masked out."""
+    from placement.data import collate
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        rendered = []
+        for i in range(batch_size):
+            n = max(4, max_length - (i % 4) * max(1, max_length // 8))
+            ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+            prompt = n // 4
+            rendered.append((ids, [-100] * prompt + ids[prompt:]))
+        out.append(collate(rendered, pad_id=0))
+    return out
+
+
+def _shape_text(batches: list) -> str:
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    targets = sum(b.target_tokens() for b in batches)
+    widths = sorted({int(b.input_ids.shape[1]) for b in batches})
+    width = str(widths[0]) if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+    return (f"{len(batches)} batches x {batches[0].input_ids.shape[0]} x {width} tokens "
+            f"({tokens} tokens, {targets} target tokens)")
+
+
+def build(target: str, args) -> Workload:
+    device = torch.device(args.device)
+    if target == "tiny":
+        from tiny import VOCAB_SIZE, tiny_model
+
+        model = tiny_model(
+            "llama", seed=args.seed, hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=args.tiny_hidden * 3,
+        ).to(device)
+        batches = random_batches(args.batches, args.batch_size, args.max_length, VOCAB_SIZE, args.seed)
+        label = f"tiny llama (hidden {args.tiny_hidden}, {args.tiny_layers} layers)"
+    else:
+        from placement.models import load
+        from placement.profile import calibration_batches
+
+        model, tokenizer, _ = load(args.model, device=args.device, dtype=args.dtype)
+        batches = calibration_batches(tokenizer, args.data, batches=args.batches, batch_size=args.batch_size,
+                                      max_length=args.max_length, seed=args.seed)
+        label = f"{args.model} ({args.data})"
+    model.requires_grad_(False)
+    model.eval()
+    batches = [b.to(device) for b in batches]
+    sites = find_sites(model)
+    weight_bytes = candidate_weight_bytes(model, sites)
+    describe = (f"{len(sites)} sites, candidate weights {weight_bytes / MB:.1f} MiB, {_shape_text(batches)}, "
+                f"device {device}, {torch.get_num_threads()} threads")
+    return Workload(label, model, sites, batches, device, weight_bytes, describe)
+
+
+# -- peak memory, in a child process -----------------------------------------------------------------------------
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current VmRSS (Linux: write 5 to clear_refs) and say whether the reset took."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 512
+
+
+class RssSampler:
+    """VmRSS every `interval` seconds on a background thread (torch ops release the GIL, so it runs during them)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_kb = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak_kb = _status_kb("VmRSS") or 0
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_arm(args) -> dict:
+    """Child process: load, then run one arm once over the batches and report its peak memory above the loaded state."""
+    work = build(args.target, args)
+    runner = RUNNERS[args.arm]
+    # One small call first, so that lazy imports and one-time initialisation are not counted as the arm's memory;
+    # then hand freed heap back to the OS, so that memory kept from it cannot hide part of the measured peak.
+    full = work.batches
+    first = full[0]
+    work.batches = [type(first)(first.input_ids[:2], first.attention_mask[:2], first.labels[:2])]
+    runner(work, args.draws)
+    work.batches = full
+    gc.collect()
+    _trim_heap()
+    if work.device.type == "cuda":
+        _sync(work.device)
+        torch.cuda.reset_peak_memory_stats(work.device)
+        base = torch.cuda.memory_allocated(work.device)
+        runner(work, args.draws)
+        _sync(work.device)
+        peak = torch.cuda.max_memory_allocated(work.device)
+        return {"arm": args.arm, "target": args.target, "peak_bytes": peak - base, "method": "cuda_max_allocated"}
+    base_kb = _status_kb("VmRSS") or 0
+    hwm_ok = _reset_hwm()
+    with RssSampler() as sampler:
+        runner(work, args.draws)
+    hwm_kb = _status_kb("VmHWM") if hwm_ok else None
+    peak_kb = max(hwm_kb or 0, sampler.peak_kb)  # per-thread RSS counters reach VmHWM with a small lag
+    return {
+        "arm": args.arm, "target": args.target, "peak_bytes": (peak_kb - base_kb) * 1024,
+        "method": "VmHWM" if hwm_kb is not None else "VmRSS sampled every 5 ms",
+        "sampled_bytes": (sampler.peak_kb - base_kb) * 1024, "base_bytes": base_kb * 1024,
+    }
+
+
+def child_peak(target: str, arm: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--target", target] + forwarded(args)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    raise RuntimeError(f"memory child for {target}/{arm} failed (exit {done.returncode}): " + " | ".join(tail))
+
+
+def forwarded(args) -> list[str]:
+    return [
+        "--model", args.model, "--data", args.data, "--batches", str(args.batches),
+        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--draws", str(args.draws),
+        "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed), "--threads", str(args.threads),
+        "--tiny-hidden", str(args.tiny_hidden), "--tiny-layers", str(args.tiny_layers),
+    ]
+
+
+# -- timing and comparison ---------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    work: Workload
+    seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})
+    results: dict = field(default_factory=dict)
+    peak: dict = field(default_factory=dict)  # arm -> bytes
+    peak_method: str = ""
+
+    def median(self, arm: str) -> float:
+        return statistics.median(self.seconds[arm])
+
+    def ratio(self, a: str, b: str) -> float:
+        return self.median(a) / self.median(b)
+
+    def mem_ratio(self, a: str, b: str) -> float:
+        return self.peak[a] / self.peak[b] if self.peak.get(b) else float("nan")
+
+    def spearman(self) -> float:
+        from scipy.stats import spearmanr
+
+        return float(spearmanr(self.results["fast"]["page"], self.results["exact"]["page"]).statistic)
+
+    def top(self, arm: str) -> str:
+        frame = self.results[arm]
+        return str(frame["site"].iloc[int(frame["page"].to_numpy().argmax())])
+
+    def naive_vs_exact(self) -> float:
+        """Largest relative gap between the naive ||grad W||^2 and the exact probe's grad_energy over sites."""
+        exact = torch.tensor(self.results["exact"]["grad_energy"].to_numpy(), dtype=torch.float64)
+        naive = self.results["naive"]
+        return float(((naive - exact).abs() / exact.abs().clamp(min=1e-30)).max())
+
+
+def time_rounds(work: Workload, rounds: int, draws: int, log) -> Outcome:
+    out = Outcome(work)
+    for round_index in range(rounds + 1):  # round 0 is the warm-up and is not counted
+        for arm in ARMS:
+            gc.collect()
+            _sync(work.device)
+            start = time.perf_counter()
+            result = RUNNERS[arm](work, draws)
+            _sync(work.device)
+            seconds = time.perf_counter() - start
+            if round_index:
+                out.seconds[arm].append(seconds)
+            if result is not None:
+                out.results[arm] = result
+            log(f"  {'warm-up' if not round_index else f'round {round_index}'} {arm:<5} {seconds:8.3f} s")
+    return out
+
+
+def report(out: Outcome) -> list[str]:
+    floor, naive = out.median("floor"), out.median("naive")
+    lines = [f"== {out.work.label}", f"   {out.work.describe}"]
+    lines.append(f"   {'arm':<6}{'median s':>10}{'min s':>10}{'max s':>10}{'x floor':>9}{'x naive':>9}{'peak MiB':>10}")
+    for arm in ARMS:
+        times = out.seconds[arm]
+        peak = f"{out.peak[arm] / MB:10.1f}" if arm in out.peak else f"{'-':>10}"
+        lines.append(f"   {arm:<6}{out.median(arm):10.3f}{min(times):10.3f}{max(times):10.3f}"
+                     f"{out.median(arm) / floor:9.2f}{out.median(arm) / naive:9.2f}{peak}")
+    lines.append(f"   ratios: fast/floor={out.ratio('fast', 'floor'):.2f} exact/floor={out.ratio('exact', 'floor'):.2f} "
+                 f"exact/naive={out.ratio('exact', 'naive'):.2f} fast/naive={out.ratio('fast', 'naive'):.2f} "
+                 f"naive/floor={out.ratio('naive', 'floor'):.2f}")
+    if out.peak:
+        saved = out.peak["naive"] - out.peak["exact"]
+        lines.append(f"   peak memory ({out.peak_method}): exact/naive={out.mem_ratio('exact', 'naive'):.2f} "
+                     f"fast/naive={out.mem_ratio('fast', 'naive'):.2f} exact/floor={out.mem_ratio('exact', 'floor'):.2f}; "
+                     f"naive - exact = {saved / MB:.1f} MiB = {saved / out.work.weight_bytes:.2f} x candidate weights")
+    lines.append(f"   fast vs exact page: spearman={out.spearman():.3f}; top site exact={out.top('exact')} "
+                 f"fast={out.top('fast')}")
+    lines.append(f"   naive ||grad W||^2 vs exact grad_energy: max relative gap {out.naive_vs_exact():.1e}")
+    return lines
+
+
+def side_by_side(outcomes: dict[str, Outcome]) -> list[str]:
+    names = list(outcomes)
+    rows = [("floor s", lambda o: f"{o.median('floor'):.3f}"), ("exact s", lambda o: f"{o.median('exact'):.3f}"),
+            ("fast s", lambda o: f"{o.median('fast'):.3f}"), ("naive s", lambda o: f"{o.median('naive'):.3f}"),
+            ("fast/floor", lambda o: f"{o.ratio('fast', 'floor'):.2f}"),
+            ("exact/floor", lambda o: f"{o.ratio('exact', 'floor'):.2f}"),
+            ("exact/naive", lambda o: f"{o.ratio('exact', 'naive'):.2f}"),
+            ("peak exact MiB", lambda o: f"{o.peak['exact'] / MB:.1f}" if o.peak else "-"),
+            ("peak naive MiB", lambda o: f"{o.peak['naive'] / MB:.1f}" if o.peak else "-"),
+            ("peak exact/naive", lambda o: f"{o.mem_ratio('exact', 'naive'):.2f}" if o.peak else "-"),
+            ("candidate MiB", lambda o: f"{o.work.weight_bytes / MB:.1f}"),
+            ("fast spearman", lambda o: f"{o.spearman():.3f}")]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = ["== side by side", f"   {'':<18}" + "".join(f"{n:>{width}}" for n in names)]
+    for title, cell in rows:
+        lines.append(f"   {title:<18}" + "".join(f"{cell(outcomes[n]):>{width}}" for n in names))
+    return lines
+
+
+def checks(out: Outcome) -> tuple[list[str], bool]:
+    def verdict(ok):
+        return "PASS" if ok else "FAIL"
+
+    lines, all_ok = [], True
+    items = [
+        (f"fast <= {FAST_OVER_FLOOR:.2f} x floor", out.ratio("fast", "floor") <= FAST_OVER_FLOOR,
+         f"{out.ratio('fast', 'floor'):.2f} x"),
+        (f"exact <= {EXACT_OVER_NAIVE:.2f} x naive", out.ratio("exact", "naive") <= EXACT_OVER_NAIVE,
+         f"{out.ratio('exact', 'naive'):.2f} x"),
+    ]
+    if out.peak:
+        saved, need = out.peak["naive"] - out.peak["exact"], MEMORY_SAVING * out.work.weight_bytes
+        items.append((f"naive_peak - exact_peak >= {MEMORY_SAVING:.1f} x candidate weights", saved >= need,
+                      f"{saved / MB:.1f} MiB vs {need / MB:.1f} MiB"))
+    else:
+        items.append((f"naive_peak - exact_peak >= {MEMORY_SAVING:.1f} x candidate weights", None, "not measured"))
+    items += [
+        ("fast top site == exact top site", out.top("fast") == out.top("exact"), f"{out.top('fast')} / {out.top('exact')}"),
+        (f"spearman >= {MIN_SPEARMAN:.1f}", out.spearman() >= MIN_SPEARMAN, f"{out.spearman():.3f}"),
+    ]
+    for title, ok, value in items:
+        lines.append(f"target {title}: {value} -> {'SKIP' if ok is None else verdict(ok)}")
+        all_ok = all_ok and ok is not False
+    return lines, all_ok
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model for the embedded workload (default %(default)s)")
+    p.add_argument("--data", default="builtin:arithmetic", help="calibration data for it (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up round (default %(default)s)")
+    p.add_argument("--batches", type=int, default=4, help="calibration batches per timed call (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example at most (default %(default)s)")
+    p.add_argument("--draws", type=int, default=8, help="draws of A in the fast arm (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--dtype", default="float32", help="dtype of the embedded model (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = one per core (default)")
+    p.add_argument("--tiny-hidden", type=int, default=64, help="hidden size of the tiny llama (default %(default)s)")
+    p.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny llama (default %(default)s)")
+    p.add_argument("--tiny-only", action="store_true", help="only the tiny model")
+    p.add_argument("--no-tiny", action="store_true", help="only the embedded model")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    p.add_argument("--quiet", action="store_true", help="no per-call timing lines")
+    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    p.add_argument("--target", choices=TARGETS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.tiny_only and args.no_tiny:
+        p.error("--tiny-only and --no-tiny leave nothing to run")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but no CUDA device is visible")
+    if args.threads < 1:
+        args.threads = max(1, os.cpu_count() or 1)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    if args.arm:
+        print(RESULT_TAG + json.dumps(measure_arm(args)), flush=True)
+        return 0
+
+    def log(text):
+        if not args.quiet:
+            print(text, flush=True)
+
+    targets = ["tiny"] if args.tiny_only else ["embedded"] if args.no_tiny else ["tiny", "embedded"]
+    outcomes: dict[str, Outcome] = {}
+    began = time.perf_counter()
+    for target in targets:
+        work = build(target, args)
+        log(f"timing {work.label}: {args.rounds} rounds after a warm-up")
+        out = time_rounds(work, args.rounds, args.draws, log)
+        work.model = None  # free it before the memory children load their own copy
+        gc.collect()
+        if not args.no_memory:
+            for arm in ARMS:
+                res = child_peak(target, arm, args)
+                out.peak[arm], out.peak_method = res["peak_bytes"], res["method"]
+                log(f"  peak memory {arm:<5} {res['peak_bytes'] / MB:9.1f} MiB ({res['method']})")
+        outcomes[work.label] = out
+
+    print()
+    for out in outcomes.values():
+        print("\n".join(report(out)))
+    if len(outcomes) > 1:
+        print("\n".join(side_by_side(outcomes)))
+    main_out = list(outcomes.values())[-1]
+    print(f"== targets on {main_out.work.label} (benchmark took {time.perf_counter() - began:.0f} s)")
+    lines, ok = checks(main_out)
+    print("\n".join(lines))
+    mem = f"{main_out.mem_ratio('exact', 'naive'):.2f}" if main_out.peak else "nan"
+    print(f"fast/floor={main_out.ratio('fast', 'floor'):.2f} exact/naive={main_out.ratio('exact', 'naive'):.2f} "
+          f"peak_mem exact/naive={mem} fast_spearman={main_out.spearman():.2f}", flush=True)
+    return 1 if args.strict and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
