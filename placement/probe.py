@@ -191,7 +191,7 @@ class Probe:
         r, s2 = self.settings.r, state.scale ** 2
         g = scores.projected_grads(d, xa)  # (B, d_out, draws * r)
         g_batch = g.sum(dim=0)
-        sampled = scores.draw_energies(g_batch, r).cpu() * s2
+        sampled = scores.draw_energies(g_batch, r) * s2  # (draws,)
         state.sampled_sum = sampled if state.sampled_sum is None else state.sampled_sum + sampled
         g_batch = g_batch.double()
         state.g_sum = g_batch if state.g_sum is None else state.g_sum + g_batch
@@ -202,8 +202,7 @@ class Probe:
             state.fisher_sum += state.factor * per_example
         else:
             page = float(sampled.mean())
-            n_draws = g.shape[-1] // r
-            per_draw = g.reshape(g.shape[0], g.shape[1], n_draws, r).double().pow(2).sum(dim=(1, 3))  # (B, draws)
+            per_draw = scores.draw_energies(g, r, keep_batch=True)  # (B, draws)
             state.fisher_sum += s2 * float((per_draw * weights.to(per_draw).pow(2)[:, None]).sum(0).mean())
         state.examples += weights.shape[0]
         state.page_sum += page

@@ -59,7 +59,7 @@ def weight_grad_energies(x: torch.Tensor, d: torch.Tensor, weights: torch.Tensor
         per = _gram_energy(x, d)
     else:
         per = torch.cat([
-            torch.bmm(d[i:i + step].transpose(1, 2), x[i:i + step]).pow(2).sum(dim=(1, 2))
+            torch.bmm(d[i:i + step].transpose(1, 2), x[i:i + step]).square().sum(dim=(1, 2))
             for step in [max(1, CHUNK_ELEMENTS // (d_out * d_in))] for i in range(0, batch, step)
         ]).double()
     per_example = float((per * weights.to(per.device, torch.float64).pow(2)).sum())
@@ -67,21 +67,25 @@ def weight_grad_energies(x: torch.Tensor, d: torch.Tensor, weights: torch.Tensor
     if gram_cheaper(batch * length):
         total = float(_gram_energy(flat_x, flat_d)[0])
     else:
-        total = float(torch.mm(flat_d[0].t(), flat_x[0]).double().pow(2).sum())
+        total = float(torch.mm(flat_d[0].t(), flat_x[0]).square().sum())
     return total, per_example
 
 
 def _gram_energy(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """||d_i^T x_i||_F^2 per leading index from the token Gram matrices, summed in float64: (B,)."""
-    return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).double().sum(dim=(1, 2))
+    return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum(dim=(1, 2)).double()
 
 
-def draw_energies(g: torch.Tensor, r: int) -> torch.Tensor:
-    """||g^m||^2 per draw m for g (..., d_out, M * r), summed over leading dims -> (M,) float64."""
+def draw_energies(g: torch.Tensor, r: int, keep_batch: bool = False) -> torch.Tensor:
+    """||g^m||^2 per draw m for g (..., d_out, M * r): (M,), or (B, M) per example with `keep_batch`; float64.
+
+    Squares are summed in float32 (cascade summation keeps ~1e-7 relative error) and only the sums are widened:
+    widening g itself would copy the largest tensor of the hot path twice.
+    """
     m = g.shape[-1] // r
-    g = g.reshape(*g.shape[:-1], m, r).double()
-    dims = [i for i in range(g.dim()) if i != g.dim() - 2]
-    return g.pow(2).sum(dim=dims)
+    g = g.reshape(*g.shape[:-1], m, r)
+    dims = [i for i in range(g.dim()) if i != g.dim() - 2 and not (keep_batch and i == 0)]
+    return g.square().sum(dim=dims).double()
 
 
 def kaiming_draws(shape: tuple[int, int], count: int, generator: torch.Generator) -> torch.Tensor:
