@@ -199,13 +199,13 @@ def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, 
 @user_errors
 def demo(out, batches, as_json, quiet):
     """Profile the embedded SmolLM2-135M on builtin:arithmetic and write its plan and heatmap (no network)."""
+    from .plan import Strategy
     from .profile import run_profile, write_profile
 
     lm, tokenizer, source = _load("smollm2-135m", "float32", "cpu", False, quiet)
     result = run_profile(lm, tokenizer, source, "builtin:arithmetic", batches=batches, progress=not quiet)
     write_profile(result, out, title="smollm2-135m on builtin:arithmetic: page")
-    top4 = result.plan.with_strategy(__import__("placement.plan", fromlist=["Strategy"]).Strategy("top-k", k=4))
-    top4.save(Path(out) / "top4.json")
+    result.plan.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "top4.json")
     summary = result.summary() | {"out": out}
     _emit(summary, as_json, [
         f"dominant site {summary['dominant_site']} holds {100 * summary['share']:.1f}% of PAGE "
