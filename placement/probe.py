@@ -112,20 +112,49 @@ def token_loss(model: nn.Module, batch) -> torch.Tensor:
 
 @dataclass
 class _SiteState:
-    """Accumulators of one site across batches (sums, so ranks can all-reduce them)."""
+    """One site's draws of A and its accumulators across batches (device tensors, summed, so ranks can all-reduce
+    them and no batch waits on a device-to-host copy)."""
 
     site: Site
-    a: torch.Tensor  # (draws * r, d_in): draw 0 is PEFT's A for the seed
+    panels: tuple  # A split into shared panels: PEFT's draw for the seed, then in fast mode the extra draws
     scale: float
     factor: float
-    page_sum: float = 0.0
-    grad_energy_sum: float = 0.0
-    fisher_sum: float = 0.0
+    sums: torch.Tensor  # float64 [page, grad_energy, fisher], summed over batches
+    sampled_sum: torch.Tensor  # (draws,) float64: sum over batches of ||grad_B||^2 per draw
+    g_sum: torch.Tensor  # (draws * r, d_out) float32: sum over batches of the projected gradients, transposed
+    batch_page: list = field(default_factory=list)  # 0-d tensors, one per batch
     examples: int = 0
-    sampled_sum: torch.Tensor | None = None  # (draws,) sum over batches of ||grad_B||^2 per draw
-    g_sum: torch.Tensor | None = None  # (d_out, draws * r): sum over batches of the projected gradients
-    batch_page: list = field(default_factory=list)
     seen: bool = False
+
+
+class _Input:
+    """One tensor read by one or more sites in a forward pass (q, k and v read the same one; gate and up too).
+
+    Its projections x A^T are made once per distinct panel of A and shared; in exact mode it also keeps x, its kept
+    rows and their token Grams until the last of its readers has taken its gradient.
+    """
+
+    __slots__ = ("source", "readers", "pending", "projections", "rows", "grams")
+
+    def __init__(self, source: torch.Tensor):
+        self.source: torch.Tensor | None = source.detach()
+        self.readers = self.pending = 0
+        self.projections: dict = {}
+        self.rows: torch.Tensor | None = None
+        self.grams: scores.Grams | None = None
+
+    def project(self, panels: tuple) -> torch.Tensor:
+        parts = []
+        for panel in panels:
+            if id(panel) not in self.projections:
+                self.projections[id(panel)] = scores.project_inputs(self.source, panel)
+            parts.append(self.projections[id(panel)])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def taken(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.source = self.rows = self.grams = None
 
 
 class Probe:
@@ -140,72 +169,100 @@ class Probe:
             raise PlacementError(f"site {missing[0]} is not a module of this model: rediscover the sites")
         self.modules = [modules[s.name] for s in sites]
         self.states = self._draw(settings)
-        self._weights: torch.Tensor | None = None
+        self._layout: scores.Layout | None = None
+        self._w2: torch.Tensor | None = None
+        self._last: _Input | None = None
 
     def _draw(self, settings: ProbeSettings) -> list[_SiteState]:
-        """Draw A once per probe, never per batch: PEFT's draw for the seed, then extra draws in fast mode."""
+        """Draw A once per probe, never per batch.
+
+        PEFT's A for a seed depends only on the site's shape, so sites of one shape share it; the extra draws of
+        fast mode depend only on d_in, so sites reading one input share their projection (each site's estimate
+        stays unbiased; estimates of sites of one width are correlated, as PEFT's own draws are).
+        """
         device = next(self.model.parameters()).device
-        extra = torch.Generator().manual_seed(settings.seed)
+        r, extra_draws = settings.r, settings.num_draws - 1
+        peft_draws, extra = {}, {}
         states = []
         cpu_state = torch.get_rng_state()
         try:
             for site, module in zip(self.sites, self.modules):
-                a = [peft_lora_a(module, settings)]
-                if settings.num_draws > 1:
-                    more = scores.kaiming_draws((settings.r, site.d_in), settings.num_draws - 1, extra)
-                    a.extend(more.unbind(0))
+                shape = (isinstance(module, Conv1D), site.d_in, site.d_out, getattr(module, "bias", None) is not None)
+                if shape not in peft_draws:
+                    peft_draws[shape] = peft_lora_a(module, settings).to(device)
+                panels = [peft_draws[shape]]
+                if extra_draws:
+                    if site.d_in not in extra:
+                        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + site.d_in)
+                        more = scores.kaiming_draws((r, site.d_in), extra_draws, generator)
+                        extra[site.d_in] = more.reshape(extra_draws * r, site.d_in).to(device)
+                    panels.append(extra[site.d_in])
                 states.append(_SiteState(
-                    site=site, a=torch.cat(a).to(device),
-                    scale=scores.lora_scale(settings.r, settings.alpha, settings.use_rslora),
-                    factor=scores.expected_factor(settings.r, settings.alpha, site.d_in, settings.use_rslora),
+                    site=site, panels=tuple(panels),
+                    scale=scores.lora_scale(r, settings.alpha, settings.use_rslora),
+                    factor=scores.expected_factor(r, settings.alpha, site.d_in, settings.use_rslora),
+                    sums=torch.zeros(3, dtype=torch.float64, device=device),
+                    sampled_sum=torch.zeros(settings.num_draws, dtype=torch.float64, device=device),
+                    g_sum=torch.zeros(settings.num_draws * r, site.d_out, device=device),
                 ))
         finally:
             torch.set_rng_state(cpu_state)  # probing must not change the caller's random stream
         return states
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def _forward_hook(self, state: _SiteState):
-        exact = self.settings.mode == "exact"
+    def _reader(self, source: torch.Tensor) -> _Input:
+        """The record of this input: the previous site's when it read the very same tensor (sites that share an
+        input run one after another), else a new one. Fast mode lets go of x once no later site can share it."""
+        last = self._last
+        if last is not None and last.source is not None and last.source.data_ptr() == source.data_ptr() \
+                and last.source.shape == source.shape and last.source.stride() == source.stride():
+            return last
+        if last is not None and self.settings.mode == "fast":
+            last.source = None
+        self._last = _Input(source)
+        return self._last
 
+    def _forward_hook(self, state: _SiteState):
         def hook(module, inputs, output):
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute pass is hooked
-            x = inputs[0].detach()
-            held = {"x": x if exact else None, "xa": scores.project_inputs(x, state.a)}
+            record = self._reader(inputs[0])
+            record.readers += 1
+            record.pending += 1
+            xa = record.project(state.panels)
 
             def on_grad(grad):
-                self._absorb(state, held.pop("x"), held.pop("xa"), grad.detach())
+                self._absorb(state, record, xa, grad.detach())
 
             output.register_hook(on_grad)
 
         return hook
 
-    def _absorb(self, state: _SiteState, x, xa, d) -> None:
-        """One site, one batch: every score from x (or x A^T) and d, then nothing is kept but sums."""
-        weights = self._weights
-        batch = weights.shape[0]
-        if d.dim() != 3 or d.shape[0] != batch:  # tokens flattened (e.g. routed experts): no per-example split
+    def _absorb(self, state: _SiteState, record: _Input, xa: torch.Tensor, d: torch.Tensor) -> None:
+        """One site, one batch: every score from x A^T (and x in exact mode) and d; nothing is kept but sums."""
+        layout, w2 = self._layout, self._w2
+        if not layout.fits(d):  # tokens flattened (e.g. routed experts): no per-example split
             d, xa = d.reshape(1, -1, d.shape[-1]), xa.reshape(1, -1, xa.shape[-1])
-            x = None if x is None else x.reshape(1, -1, x.shape[-1])
-            weights = torch.ones(1, dtype=torch.float64)
+            layout, w2 = scores.flat_layout(d.shape[1], d.device), torch.ones(1, dtype=torch.float64, device=d.device)
         r, s2 = self.settings.r, state.scale ** 2
-        g = scores.projected_grads(d, xa)  # (B, d_out, draws * r)
+        g = scores.projected_grads(d, xa)  # (B, draws * r, d_out)
         g_batch = g.sum(dim=0)
         sampled = scores.draw_energies(g_batch, r) * s2  # (draws,)
-        state.sampled_sum = sampled if state.sampled_sum is None else state.sampled_sum + sampled
-        g_batch = g_batch.double()
-        state.g_sum = g_batch if state.g_sum is None else state.g_sum + g_batch
-        if x is not None:
-            grad_energy, per_example = scores.weight_grad_energies(x, d, weights)
-            page = state.factor * grad_energy
-            state.grad_energy_sum += grad_energy
-            state.fisher_sum += state.factor * per_example
+        state.sampled_sum += sampled
+        state.g_sum += g_batch
+        if self.settings.mode == "exact":
+            if record.rows is None:
+                record.rows = layout.take(record.source)
+            total, per, record.grams = scores.exact_energies(
+                layout.take(d), record.rows, layout, record.grams, record.readers)
+            page = state.factor * total.double()
+            state.sums += torch.stack([page, total.double(), state.factor * (per.double() * w2).sum()])
         else:
-            page = float(sampled.mean())
-            per_draw = scores.draw_energies(g, r, keep_batch=True)  # (B, draws)
-            state.fisher_sum += s2 * float((per_draw * weights.to(per_draw).pow(2)[:, None]).sum(0).mean())
-        state.examples += weights.shape[0]
-        state.page_sum += page
+            page = sampled.mean()
+            per_draw = scores.draw_energies(g, r)  # (B, draws)
+            state.sums += torch.stack([page, torch.zeros_like(page), s2 * (w2 @ per_draw).mean()])
+        record.taken()
+        state.examples += layout.examples
         state.batch_page.append(page)
         state.seen = True
 
@@ -252,34 +309,39 @@ class Probe:
                 batch = batch.to(device)
                 for st in self.states:
                     st.seen = False
-                self._weights = scores.example_weights(batch.labels)
+                self._layout = scores.batch_layout(batch.attention_mask)
+                self._w2 = scores.example_weights(batch.labels).pow(2)
                 loss = token_loss(self.model, batch)
                 if not torch.isfinite(loss):
                     raise PlacementError("the calibration loss is not finite: check the data and --dtype")
                 loss.backward()
+                self._last = None
                 tokens += batch.target_tokens()
                 for st in self.states:
                     if not st.seen:  # a site the loss does not depend on scores zero
-                        st.batch_page.append(0.0)
+                        st.batch_page.append(torch.zeros((), dtype=torch.float64, device=device))
         seconds = time.perf_counter() - start
-        batch_page = np.array([st.batch_page for st in self.states], dtype=np.float64).T  # (batches, sites)
+        batch_page = torch.stack([torch.stack(st.batch_page) for st in self.states], dim=1).cpu().numpy() \
+            if mine else np.zeros((0, len(self.states)))  # (batches, sites)
         if world > 1:
             tokens, batch_page = self._reduce(tokens, batch_page, world)
         return self._result(len(batches), tokens, seconds, batch_page)
 
     def _reduce(self, tokens: int, batch_page: np.ndarray, world: int):
         """Sum every accumulator over ranks; gather per-batch pages in the original batch order."""
-        packed = torch.tensor(
-            [[st.page_sum, st.grad_energy_sum, st.fisher_sum, st.examples] for st in self.states] + [[tokens, 0, 0, 0]],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(packed)
-        for st, row in zip(self.states, packed[:-1].tolist()):
-            st.page_sum, st.grad_energy_sum, st.fisher_sum, st.examples = row[0], row[1], row[2], int(row[3])
-            dist.all_reduce(st.sampled_sum)
-            g = st.g_sum.cpu()
-            dist.all_reduce(g)
-            st.g_sum = g
+        on_device = dist.get_backend() == "nccl"  # gloo reduces host tensors
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            moved = t if on_device else t.cpu()
+            dist.all_reduce(moved)
+            return moved.to(t.device)
+
+        packed = all_reduce(torch.stack(
+            [torch.cat([st.sums, st.sums.new_tensor([st.examples])]) for st in self.states]
+            + [self.states[0].sums.new_tensor([tokens, 0, 0, 0])]))
+        for st, row in zip(self.states, packed[:-1]):
+            st.sums, st.examples = row[:3], int(row[3])
+            st.sampled_sum, st.g_sum = all_reduce(st.sampled_sum), all_reduce(st.g_sum)
         gathered = [None] * world
         dist.all_gather_object(gathered, batch_page)
         total = sum(len(part) for part in gathered)
@@ -292,18 +354,19 @@ class Probe:
         rows = []
         fast = self.settings.mode == "fast"
         for st in self.states:
-            sampled = (st.sampled_sum / n_batches).double() if st.sampled_sum is not None else torch.zeros(1)
+            sampled = (st.sampled_sum / n_batches).cpu()
+            page_sum, grad_energy_sum, fisher_sum = st.sums.tolist()
             # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
-            g_mean = st.g_sum / n_batches if st.g_sum is not None else torch.zeros(1)
+            g_mean = st.g_sum.double() / n_batches
             spread = float(sampled.sum())
             coherence = float(g_mean.pow(2).sum()) * st.scale ** 2 / spread if spread > 0 else 0.0
             rows.append(dict(
                 st.site.to_dict(),
-                page=float(sampled.mean()) if fast else st.page_sum / n_batches,
+                page=float(sampled.mean()) if fast else page_sum / n_batches,
                 page_se=float(sampled.std() / len(sampled) ** 0.5) if fast else np.nan,
                 page_sampled=float(sampled[0]),
-                grad_energy=np.nan if fast else st.grad_energy_sum / n_batches,
-                fisher=st.fisher_sum / max(st.examples, 1),
+                grad_energy=np.nan if fast else grad_energy_sum / n_batches,
+                fisher=fisher_sum / max(st.examples, 1),
                 coherence=coherence,
             ))
         frame = pd.DataFrame(rows).rename(columns={"name": "site"})

@@ -4,15 +4,21 @@ For a linear site W (d_out x d_in), the weight gradient of the mean token loss i
 initialised PEFT LoRA (B = 0, A ~ kaiming_uniform(a=sqrt 5)) adds s * B A x, so its first gradient is
 grad_B = s * G A^T and PAGE = ||grad_B||_F^2. Over the draw of A, E||grad_B||^2 = s^2 r / (3 d_in) ||G||_F^2,
 since kaiming-uniform with a = sqrt(5) has variance 1 / (3 d_in).
+
+The exact energies ||G||^2 and ||G_i||^2 (one per example) come from token Gram matrices where that is cheaper:
+||d^T x||_F^2 = sum((d d^T) * (x x^T)), which costs tokens^2 (d_in + d_out) instead of tokens d_in d_out and never
+forms a weight-sized tensor; the x x^T half is shared by every site that reads the same input (q, k and v).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-# The most elements of per-example weight gradients held at once; beyond it examples are taken in chunks.
-CHUNK_ELEMENTS = 1 << 26
+# Token Gram matrices are formed this many rows (whole examples) at a time: big enough for efficient GEMMs,
+# small enough that the upper triangle, all that a symmetric Gram needs, is most of what is computed.
+CHUNK_ROWS = 128
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -34,58 +40,133 @@ def example_weights(labels: torch.Tensor) -> torch.Tensor:
     return counts.sum() / counts.clamp(min=1)
 
 
+# -- where the tokens are ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The real tokens of a batch as rows of a site's flattened (B*T, d) tensors, cut into chunks of whole examples.
+
+    Padding is left out: no token reads a padded position, so its output gradient is exactly zero and it adds
+    nothing to any energy, while it would cost quadratically in a Gram matrix.
+    """
+
+    rows: torch.Tensor | None  # flat indices of the kept positions; None when every position is kept
+    example: torch.Tensor  # (N,) the example of each kept row
+    chunks: tuple[tuple[int, int], ...]  # [start, end) row ranges, each a run of whole examples
+    examples: int
+    shape: tuple[int, ...]  # the (B, T) this layout applies to
+
+    @property
+    def tokens(self) -> int:
+        return int(self.example.shape[0])
+
+    def fits(self, y: torch.Tensor) -> bool:
+        return y.dim() == 3 and tuple(y.shape[:2]) == self.shape
+
+    def take(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (N, d) float32, the kept rows in order."""
+        flat = y.reshape(-1, y.shape[-1])
+        return (flat if self.rows is None else flat.index_select(0, self.rows)).float()
+
+
+def batch_layout(attention_mask: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> Layout:
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1).tolist()
+    rows = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+    example = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device),
+                                      torch.tensor(lengths, device=mask.device))
+    chunks, start, end = [], 0, 0
+    for n in lengths:
+        end += n
+        if end - start >= chunk_rows:
+            chunks.append((start, end))
+            start = end
+    if end > start:
+        chunks.append((start, end))
+    return Layout(rows, example, tuple(chunks), len(lengths), tuple(mask.shape))
+
+
+def flat_layout(tokens: int, device=None) -> Layout:
+    """All rows as one example: for sites whose tokens are not laid out per example (e.g. routed experts)."""
+    return Layout(None, torch.zeros(tokens, dtype=torch.long, device=device), ((0, tokens),), 1, (1, tokens))
+
+
+# -- exact energies ----------------------------------------------------------------------------------------------
+@dataclass
+class Grams:
+    """Token Gram blocks y[s:e] y[s:]^T per chunk (`full`), or only the diagonal blocks y[s:e] y[s:e]^T."""
+
+    blocks: list
+    full: bool
+
+
+def gram_macs(layout: Layout, width: float, full: bool) -> float:
+    n = layout.tokens
+    return width * sum((e - s) * ((n - s) if full else (e - s)) for s, e in layout.chunks)
+
+
+def token_grams(y: torch.Tensor, layout: Layout, full: bool) -> Grams:
+    return Grams([y[s:e] @ (y[s:] if full else y[s:e]).t() for s, e in layout.chunks], full)
+
+
+def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(||d^T x||^2 when the blocks are full, else None; ||d_i^T x_i||^2 per example (B,)), from Gram blocks.
+
+    Summing the elementwise product of the Grams over the upper triangle twice, and over the diagonal blocks
+    once, gives the whole sum; an example's own energy is its square within its chunk's diagonal block.
+    """
+    per = torch.zeros(layout.examples, dtype=torch.float32, device=layout.example.device)
+    total = torch.zeros((), dtype=torch.float32, device=per.device) if dg.full else None
+    for (s, e), d_block, x_block in zip(layout.chunks, dg.blocks, xg.blocks):
+        c = e - s
+        prod = d_block * x_block[:, : d_block.shape[1]]
+        square = prod[:, :c]
+        ex = layout.example[s:e]
+        per.index_add_(0, ex, (square * (ex[:, None] == ex[None, :])).sum(dim=1))
+        if total is not None:
+            total = total + square.sum() + 2 * prod[:, c:].sum()
+    return total, per
+
+
+def exact_energies(d: torch.Tensor, x: torch.Tensor, layout: Layout, x_grams: Grams | None = None,
+                   readers: int = 1) -> tuple[torch.Tensor, torch.Tensor, Grams]:
+    """(||G||^2, ||G_i||^2 per example, the x Gram blocks used) for kept rows d (N, d_out) and x (N, d_in).
+
+    ||G||^2 takes whichever route costs fewer multiply-adds: the full token Grams, or G formed once (transiently)
+    with only the diagonal Gram blocks for the per-example energies. The x Grams are shared by `readers` sites,
+    so their cost is split among them, and nothing when they are already there.
+    """
+    n, d_out, d_in = d.shape[0], d.shape[1], x.shape[1]
+    x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
+    full = gram_macs(layout, d_out + x_width, True) <= n * d_in * d_out + gram_macs(layout, d_out + x_width, False)
+    if x_grams is None or (full and not x_grams.full):
+        x_grams = token_grams(x, layout, full)
+    total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
+    if total is None:
+        total = torch.linalg.vector_norm(d.t() @ x).square()
+    return total, per, x_grams
+
+
+# -- projected gradients (never a weight-sized tensor) -----------------------------------------------------------
 def project_inputs(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x A^T for a stack of draws: x (B, T, d_in), a (k, d_in) -> (B, T, k), float32."""
     return torch.matmul(x.float(), a.float().t())
 
 
 def projected_grads(d: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
-    """Per-example d_i^T (x_i A^T): (B, d_out, k), never forming G. Unscaled by s."""
-    return torch.bmm(d.float().transpose(1, 2), xa)
+    """Per-example (x_i A^T)^T d_i, the transposed d_i^T x_i A^T: (B, k, d_out), never forming G. Unscaled by s.
+
+    Transposed so the d_out axis, the one every energy sums over, is contiguous, and the small xa is the operand
+    read transposed."""
+    return torch.bmm(xa.transpose(1, 2), d.float())
 
 
-def weight_grad_energies(x: torch.Tensor, d: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
-    """(||G||^2, sum_i c_i^2 ||G_i||^2) with G_i = d_i^T x_i, the per-example weight gradients, exactly.
+def draw_energies(g: torch.Tensor, r: int) -> torch.Tensor:
+    """||g^m||^2 per draw m for transposed projected gradients g (..., M * r, d_out): (..., M), float64.
 
-    ||d^T x||_F^2 = sum(d d^T * x x^T): through token Gram matrices the energy costs T^2 (d_in + d_out) instead of
-    T d_in d_out, far less whenever a sequence is shorter than d_in d_out / (d_in + d_out) tokens. Each energy
-    takes whichever route is cheaper; G_i, when formed, are formed a chunk of examples at a time and dropped.
+    Norms are taken in float32 along the contiguous d_out axis; only the per-draw sums are widened.
     """
-    batch, length, d_in = x.shape
-    d_out = d.shape[-1]
-    x, d = x.float(), d.float()
-    gram_cheaper = lambda tokens: tokens * (d_in + d_out) < d_in * d_out  # noqa: E731
-    if gram_cheaper(length):
-        per = _gram_energy(x, d)
-    else:
-        per = torch.cat([
-            torch.bmm(d[i:i + step].transpose(1, 2), x[i:i + step]).square().sum(dim=(1, 2))
-            for step in [max(1, CHUNK_ELEMENTS // (d_out * d_in))] for i in range(0, batch, step)
-        ]).double()
-    per_example = float((per * weights.to(per.device, torch.float64).pow(2)).sum())
-    flat_x, flat_d = x.reshape(1, -1, d_in), d.reshape(1, -1, d_out)
-    if gram_cheaper(batch * length):
-        total = float(_gram_energy(flat_x, flat_d)[0])
-    else:
-        total = float(torch.mm(flat_d[0].t(), flat_x[0]).square().sum())
-    return total, per_example
-
-
-def _gram_energy(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """||d_i^T x_i||_F^2 per leading index from the token Gram matrices, summed in float64: (B,)."""
-    return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum(dim=(1, 2)).double()
-
-
-def draw_energies(g: torch.Tensor, r: int, keep_batch: bool = False) -> torch.Tensor:
-    """||g^m||^2 per draw m for g (..., d_out, M * r): (M,), or (B, M) per example with `keep_batch`; float64.
-
-    Squares are summed in float32 (cascade summation keeps ~1e-7 relative error) and only the sums are widened:
-    widening g itself would copy the largest tensor of the hot path twice.
-    """
-    m = g.shape[-1] // r
-    g = g.reshape(*g.shape[:-1], m, r)
-    dims = [i for i in range(g.dim()) if i != g.dim() - 2 and not (keep_batch and i == 0)]
-    return g.square().sum(dim=dims).double()
+    per_column = torch.linalg.vector_norm(g, dim=-1).square()
+    return per_column.reshape(*per_column.shape[:-1], -1, r).sum(dim=-1).double()
 
 
 def kaiming_draws(shape: tuple[int, int], count: int, generator: torch.Generator) -> torch.Tensor:

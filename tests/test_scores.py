@@ -7,20 +7,48 @@ import torch
 from placement import scores
 
 
-@pytest.mark.parametrize("batch, length, d_in, d_out", [
-    (3, 5, 64, 48),   # short sequences: the token-Gram route for both energies
-    (2, 40, 8, 6),    # long sequences, small maps: per-example G_i formed
-    (4, 9, 24, 20),   # Gram per example, G formed for the batch
+def _padded(batch, length, d, seed):
+    """Random (B, T, d) rows and a right-padding mask with ragged lengths; padded rows zero, as in a real probe."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [max(1, length - 3 * i) for i in range(batch)]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return torch.randn(batch, length, d, generator=g) * mask[..., None], mask
+
+
+@pytest.mark.parametrize("batch, length, d_in, d_out, chunk_rows, gram_route", [
+    (3, 5, 64, 48, 128, True),  # short sequences: token Grams for everything
+    (6, 40, 8, 6, 40, False),   # long sequences, small maps: G formed, Gram blocks only for the examples
+    (6, 9, 24, 20, 10, True),   # several chunks: cross-chunk blocks counted twice, diagonal blocks once
+    (5, 7, 16, 16, 1, True),    # one example per chunk
 ])
-def test_weight_grad_energies_match_direct(batch, length, d_in, d_out):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, length, d_in, generator=g)
-    d = torch.randn(batch, length, d_out, generator=g)
-    weights = torch.rand(batch, generator=g, dtype=torch.float64) + 0.5
-    total, per_example = scores.weight_grad_energies(x, d, weights)
+def test_exact_energies_match_direct(batch, length, d_in, d_out, chunk_rows, gram_route):
+    x, mask = _padded(batch, length, d_in, 0)
+    d, _ = _padded(batch, length, d_out, 1)
+    layout = scores.batch_layout(mask, chunk_rows=chunk_rows)
+    assert layout.tokens == int(mask.sum())
+    total, per, grams = scores.exact_energies(layout.take(d), layout.take(x), layout)
+    assert grams.full == gram_route
     g_i = torch.einsum("bto,bti->boi", d.double(), x.double())
-    assert total == pytest.approx(float(g_i.sum(0).pow(2).sum()), rel=1e-5)
-    assert per_example == pytest.approx(float((g_i.pow(2).sum((1, 2)) * weights.pow(2)).sum()), rel=1e-5)
+    assert float(total) == pytest.approx(float(g_i.sum(0).pow(2).sum()), rel=1e-5)
+    torch.testing.assert_close(per.double(), g_i.pow(2).sum((1, 2)), rtol=1e-5, atol=0)
+    # a second site reading the same x reuses its Grams and gets its own energies
+    d2, _ = _padded(batch, length, d_out + 3, 2)
+    total2, per2, again = scores.exact_energies(layout.take(d2), layout.take(x), layout, grams, readers=2)
+    g2 = torch.einsum("bto,bti->boi", d2.double(), x.double())
+    assert float(total2) == pytest.approx(float(g2.sum(0).pow(2).sum()), rel=1e-5)
+    torch.testing.assert_close(per2.double(), g2.pow(2).sum((1, 2)), rtol=1e-5, atol=0)
+    assert again is grams or not grams.full
+
+
+def test_layout_keeps_real_tokens_in_whole_example_chunks():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    layout = scores.batch_layout(mask, chunk_rows=4)
+    assert layout.rows.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    assert layout.example.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert layout.chunks == ((0, 5), (5, 9))
+    assert scores.batch_layout(torch.ones(2, 3)).rows is None
 
 
 def test_expected_factor_is_the_variance_of_peft_init():
@@ -40,6 +68,8 @@ def test_example_weights_rescale_to_each_examples_mean():
 
 
 def test_draw_energies_split_by_draw():
-    g = torch.arange(12.0).reshape(2, 6)  # d_out 2, three draws of r = 2
+    g = torch.arange(12.0).reshape(2, 6).t()  # three draws of r = 2, d_out 2
     energies = scores.draw_energies(g, 2)
-    assert energies.tolist() == [0 + 1 + 36 + 49, 4 + 9 + 64 + 81, 16 + 25 + 100 + 121]
+    assert energies.tolist() == pytest.approx([0 + 1 + 36 + 49, 4 + 9 + 64 + 81, 16 + 25 + 100 + 121])
+    per_example = scores.draw_energies(torch.stack([g, 2 * g]), 2)  # (examples, draws)
+    torch.testing.assert_close(per_example, torch.stack([energies, 4 * energies]))
