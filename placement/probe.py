@@ -112,19 +112,13 @@ def token_loss(model: nn.Module, batch) -> torch.Tensor:
 
 @dataclass
 class _SiteState:
-    """One site's draws of A and its accumulators across batches (device tensors, summed, so ranks can all-reduce
-    them and no batch waits on a device-to-host copy)."""
+    """One site: its draws of A and the sum over batches of its projected gradients (for coherence)."""
 
+    index: int
     site: Site
     panels: tuple  # A split into shared panels: PEFT's draw for the seed, then in fast mode the extra draws
-    scale: float
-    factor: float
-    sums: torch.Tensor  # float64 [page, grad_energy, fisher], summed over batches
-    sampled_sum: torch.Tensor  # (draws,) float64: sum over batches of ||grad_B||^2 per draw
     g_sum: torch.Tensor  # (draws * r, d_out) float32: sum over batches of the projected gradients, transposed
-    batch_page: list = field(default_factory=list)  # 0-d tensors, one per batch
     examples: int = 0
-    seen: bool = False
 
 
 class _Input:
@@ -158,7 +152,12 @@ class _Input:
 
 
 class Probe:
-    """Measure PAGE and its companions at every site over calibration batches."""
+    """Measure PAGE and its companions at every site over calibration batches.
+
+    A site's gradient hook does only the work that needs its own tensors (a few GEMMs and norms) and writes a row
+    of small per-batch buffers; the scores of all sites are formed from those rows at the end of the batch in a
+    handful of vectorised operations, so the per-site cost is the GEMMs, not the dispatch of many tiny ops.
+    """
 
     def __init__(self, model: nn.Module, sites: list[Site], settings: ProbeSettings):
         settings.check()
@@ -168,10 +167,22 @@ class Probe:
         if missing:
             raise PlacementError(f"site {missing[0]} is not a module of this model: rediscover the sites")
         self.modules = [modules[s.name] for s in sites]
+        self.device = next(model.parameters()).device
         self.states = self._draw(settings)
+        n, m = len(sites), settings.num_draws
+        scale = scores.lora_scale(settings.r, settings.alpha, settings.use_rslora)
+        self._s2 = scale ** 2
+        self._factor = torch.tensor(
+            [scores.expected_factor(settings.r, settings.alpha, s.d_in, settings.use_rslora) for s in sites],
+            dtype=torch.float64, device=self.device)
+        # sums over batches, one row per site: [page, grad_energy, fisher] and ||grad_B||^2 per draw of A
+        self._sums = torch.zeros(n, 3, dtype=torch.float64, device=self.device)
+        self._sampled_sum = torch.zeros(n, m, dtype=torch.float64, device=self.device)
+        self._batch_page: list[torch.Tensor] = []
         self._layout: scores.Layout | None = None
         self._w2: torch.Tensor | None = None
         self._last: _Input | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def _draw(self, settings: ProbeSettings) -> list[_SiteState]:
         """Draw A once per probe, never per batch.
@@ -180,31 +191,24 @@ class Probe:
         fast mode depend only on d_in, so sites reading one input share their projection (each site's estimate
         stays unbiased; estimates of sites of one width are correlated, as PEFT's own draws are).
         """
-        device = next(self.model.parameters()).device
         r, extra_draws = settings.r, settings.num_draws - 1
         peft_draws, extra = {}, {}
         states = []
         cpu_state = torch.get_rng_state()
         try:
-            for site, module in zip(self.sites, self.modules):
+            for index, (site, module) in enumerate(zip(self.sites, self.modules)):
                 shape = (isinstance(module, Conv1D), site.d_in, site.d_out, getattr(module, "bias", None) is not None)
                 if shape not in peft_draws:
-                    peft_draws[shape] = peft_lora_a(module, settings).to(device)
+                    peft_draws[shape] = peft_lora_a(module, settings).to(self.device)
                 panels = [peft_draws[shape]]
                 if extra_draws:
                     if site.d_in not in extra:
                         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + site.d_in)
                         more = scores.kaiming_draws((r, site.d_in), extra_draws, generator)
-                        extra[site.d_in] = more.reshape(extra_draws * r, site.d_in).to(device)
+                        extra[site.d_in] = more.reshape(extra_draws * r, site.d_in).to(self.device)
                     panels.append(extra[site.d_in])
-                states.append(_SiteState(
-                    site=site, panels=tuple(panels),
-                    scale=scores.lora_scale(r, settings.alpha, settings.use_rslora),
-                    factor=scores.expected_factor(r, settings.alpha, site.d_in, settings.use_rslora),
-                    sums=torch.zeros(3, dtype=torch.float64, device=device),
-                    sampled_sum=torch.zeros(settings.num_draws, dtype=torch.float64, device=device),
-                    g_sum=torch.zeros(settings.num_draws * r, site.d_out, device=device),
-                ))
+                states.append(_SiteState(index, site, tuple(panels),
+                                         torch.zeros(settings.num_draws * r, site.d_out, device=self.device)))
         finally:
             torch.set_rng_state(cpu_state)  # probing must not change the caller's random stream
         return states
@@ -239,32 +243,58 @@ class Probe:
         return hook
 
     def _absorb(self, state: _SiteState, record: _Input, xa: torch.Tensor, d: torch.Tensor) -> None:
-        """One site, one batch: every score from x A^T (and x in exact mode) and d; nothing is kept but sums."""
+        """One site, one batch: its row of the batch buffers from x A^T (and x in exact mode) and d.
+
+        Buffers hold squared norms per column of the projected gradients (batch, and per example weighted by
+        c_i^2), or in exact mode ||G||^2 and sum_i c_i^2 ||G_i||^2; nothing else outlives the call.
+        """
         layout, w2 = self._layout, self._w2
         if not layout.fits(d):  # tokens flattened (e.g. routed experts): no per-example split
             d, xa = d.reshape(1, -1, d.shape[-1]), xa.reshape(1, -1, xa.shape[-1])
-            layout, w2 = scores.flat_layout(d.shape[1], d.device), torch.ones(1, dtype=torch.float64, device=d.device)
-        r, s2 = self.settings.r, state.scale ** 2
+            layout, w2 = scores.flat_layout(d.shape[1], d.device), torch.ones(1, device=d.device)
+        i, buffers = state.index, self._buffers
         g = scores.projected_grads(d, xa)  # (B, draws * r, d_out)
         g_batch = g.sum(dim=0)
-        sampled = scores.draw_energies(g_batch, r) * s2  # (draws,)
-        state.sampled_sum += sampled
         state.g_sum += g_batch
+        torch.linalg.vecdot(g_batch, g_batch, out=buffers["columns"][i])
         if self.settings.mode == "exact":
             if record.rows is None:
                 record.rows = layout.take(record.source)
             total, per, record.grams = scores.exact_energies(
                 layout.take(d), record.rows, layout, record.grams, record.readers)
-            page = state.factor * total.double()
-            state.sums += torch.stack([page, total.double(), state.factor * (per.double() * w2).sum()])
+            buffers["exact"][i, 0] = total
+            buffers["exact"][i, 1] = w2 @ per
         else:
-            page = sampled.mean()
-            per_draw = scores.draw_energies(g, r)  # (B, draws)
-            state.sums += torch.stack([page, torch.zeros_like(page), s2 * (w2 @ per_draw).mean()])
+            torch.mv(torch.linalg.vecdot(g, g).t(), w2, out=buffers["weighted"][i])
         record.taken()
         state.examples += layout.examples
-        state.batch_page.append(page)
-        state.seen = True
+
+    def _open_batch(self, batch) -> None:
+        n, k = len(self.states), self.settings.num_draws * self.settings.r
+        self._layout = scores.batch_layout(batch.attention_mask)
+        self._w2 = scores.example_weights(batch.labels).pow(2).float()
+        # rows of sites the loss does not depend on stay zero, and so score zero
+        self._buffers = {"columns": torch.zeros(n, k, device=self.device)}
+        if self.settings.mode == "exact":
+            self._buffers["exact"] = torch.zeros(n, 2, device=self.device)
+        else:
+            self._buffers["weighted"] = torch.zeros(n, k, device=self.device)
+
+    def _close_batch(self) -> None:
+        """Every site's scores for the batch from its buffer rows, all sites at once."""
+        m, r = self.settings.num_draws, self.settings.r
+        per_draw = lambda columns: columns.double().reshape(len(self.states), m, r).sum(dim=2)  # noqa: E731
+        sampled = per_draw(self._buffers["columns"]) * self._s2  # (sites, draws)
+        self._sampled_sum += sampled
+        if self.settings.mode == "exact":
+            exact = self._buffers["exact"].double()
+            page, grad_energy, fisher = self._factor * exact[:, 0], exact[:, 0], self._factor * exact[:, 1]
+        else:
+            page, grad_energy = sampled.mean(dim=1), torch.zeros_like(self._factor)
+            fisher = per_draw(self._buffers["weighted"]).mean(dim=1) * self._s2
+        self._sums += torch.stack([page, grad_energy, fisher], dim=1)
+        self._batch_page.append(page)
+        self._last, self._buffers = None, {}
 
     # -- the loop ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -301,28 +331,21 @@ class Probe:
             raise PlacementError("no calibration batches: pass --batches 1 or more")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = batches[rank::world]
-        device = next(self.model.parameters()).device
         start = time.perf_counter()
         tokens = 0
         with self._hooked():
             for batch in tqdm(mine, desc="probing", unit="batch", disable=not progress or rank != 0):
-                batch = batch.to(device)
-                for st in self.states:
-                    st.seen = False
-                self._layout = scores.batch_layout(batch.attention_mask)
-                self._w2 = scores.example_weights(batch.labels).pow(2)
+                batch = batch.to(self.device)
+                self._open_batch(batch)
                 loss = token_loss(self.model, batch)
                 if not torch.isfinite(loss):
                     raise PlacementError("the calibration loss is not finite: check the data and --dtype")
                 loss.backward()
-                self._last = None
+                self._close_batch()
                 tokens += batch.target_tokens()
-                for st in self.states:
-                    if not st.seen:  # a site the loss does not depend on scores zero
-                        st.batch_page.append(torch.zeros((), dtype=torch.float64, device=device))
         seconds = time.perf_counter() - start
-        batch_page = torch.stack([torch.stack(st.batch_page) for st in self.states], dim=1).cpu().numpy() \
-            if mine else np.zeros((0, len(self.states)))  # (batches, sites)
+        batch_page = torch.stack(self._batch_page).cpu().numpy() if self._batch_page \
+            else np.zeros((0, len(self.states)))  # (batches, sites)
         if world > 1:
             tokens, batch_page = self._reduce(tokens, batch_page, world)
         return self._result(len(batches), tokens, seconds, batch_page)
@@ -336,37 +359,36 @@ class Probe:
             dist.all_reduce(moved)
             return moved.to(t.device)
 
-        packed = all_reduce(torch.stack(
-            [torch.cat([st.sums, st.sums.new_tensor([st.examples])]) for st in self.states]
-            + [self.states[0].sums.new_tensor([tokens, 0, 0, 0])]))
-        for st, row in zip(self.states, packed[:-1]):
-            st.sums, st.examples = row[:3], int(row[3])
-            st.sampled_sum, st.g_sum = all_reduce(st.sampled_sum), all_reduce(st.g_sum)
+        counts = all_reduce(torch.tensor([st.examples for st in self.states] + [tokens], device=self.device))
+        for st, count in zip(self.states, counts.tolist()):
+            st.examples = int(count)
+            st.g_sum = all_reduce(st.g_sum)
+        self._sums, self._sampled_sum = all_reduce(self._sums), all_reduce(self._sampled_sum)
         gathered = [None] * world
         dist.all_gather_object(gathered, batch_page)
         total = sum(len(part) for part in gathered)
         merged = np.zeros((total, batch_page.shape[1]))
         for rank, part in enumerate(gathered):
             merged[rank::world] = part
-        return int(packed[-1, 0]), merged
+        return int(counts[-1]), merged
 
     def _result(self, n_batches: int, tokens: int, seconds: float, batch_page: np.ndarray) -> "ProbeResult":
-        rows = []
         fast = self.settings.mode == "fast"
-        for st in self.states:
-            sampled = (st.sampled_sum / n_batches).cpu()
-            page_sum, grad_energy_sum, fisher_sum = st.sums.tolist()
+        sums = (self._sums / n_batches).cpu().numpy()
+        sampled = (self._sampled_sum / n_batches).cpu()  # (sites, draws)
+        rows = []
+        for st, (page, grad_energy, _), draws in zip(self.states, sums, sampled):
             # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
             g_mean = st.g_sum.double() / n_batches
-            spread = float(sampled.sum())
-            coherence = float(g_mean.pow(2).sum()) * st.scale ** 2 / spread if spread > 0 else 0.0
+            spread = float(draws.sum())
+            coherence = float(g_mean.pow(2).sum()) * self._s2 / spread if spread > 0 else 0.0
             rows.append(dict(
                 st.site.to_dict(),
-                page=float(sampled.mean()) if fast else page_sum / n_batches,
-                page_se=float(sampled.std() / len(sampled) ** 0.5) if fast else np.nan,
-                page_sampled=float(sampled[0]),
-                grad_energy=np.nan if fast else grad_energy_sum / n_batches,
-                fisher=fisher_sum / max(st.examples, 1),
+                page=float(draws.mean()) if fast else float(page),
+                page_se=float(draws.std() / len(draws) ** 0.5) if fast else np.nan,
+                page_sampled=float(draws[0]),
+                grad_energy=np.nan if fast else float(grad_energy),
+                fisher=float(self._sums[st.index, 2]) / max(st.examples, 1),
                 coherence=coherence,
             ))
         frame = pd.DataFrame(rows).rename(columns={"name": "site"})
