@@ -124,15 +124,17 @@ class _SiteState:
 class _Input:
     """One tensor read by one or more sites in a forward pass (q, k and v read the same one; gate and up too).
 
-    Its projections x A^T are made once per distinct panel of A and shared; in exact mode it also keeps x, its kept
-    rows and their token Grams until the last of its readers has taken its gradient.
+    Its projections x A^T are made once per distinct panel of A and shared. In exact mode it keeps, until the last
+    of its readers has taken its gradient, either x itself or, where they are smaller and the cheaper route, the
+    token Grams of x, which are all the exact energies need of it.
     """
 
-    __slots__ = ("source", "readers", "pending", "projections", "rows", "grams")
+    __slots__ = ("source", "sites", "pending", "projections", "rows", "grams")
 
     def __init__(self, source: torch.Tensor):
         self.source: torch.Tensor | None = source.detach()
-        self.readers = self.pending = 0
+        self.sites: list[Site] = []
+        self.pending = 0
         self.projections: dict = {}
         self.rows: torch.Tensor | None = None
         self.grams: scores.Grams | None = None
@@ -144,6 +146,16 @@ class _Input:
                 self.projections[id(panel)] = scores.project_inputs(self.source, panel)
             parts.append(self.projections[id(panel)])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def settle(self, layout: scores.Layout | None) -> None:
+        """No later site reads this input: keep only what the readers' gradients will need (nothing in fast
+        mode, `layout` None; in exact mode x or its Grams)."""
+        self.projections = {}
+        if layout is not None and self.source is not None and \
+                scores.keep_grams(layout, self.source.shape[-1], [s.d_out for s in self.sites]):
+            self.grams = scores.token_grams(layout.take(self.source), layout, full=True)
+        if layout is None or self.grams is not None:
+            self.source = None
 
     def taken(self) -> None:
         self.pending -= 1
@@ -221,17 +233,23 @@ class Probe:
         if last is not None and last.source is not None and last.source.data_ptr() == source.data_ptr() \
                 and last.source.shape == source.shape and last.source.stride() == source.stride():
             return last
-        if last is not None and self.settings.mode == "fast":
-            last.source = None
+        if last is not None and last.source is not None:
+            last.settle(self._layout_of(last.source) if self.settings.mode == "exact" else None)
         self._last = _Input(source)
         return self._last
+
+    def _layout_of(self, y: torch.Tensor) -> scores.Layout:
+        """The batch's layout for a site's (B, T, d) tensor, or one flat example for tokens laid out otherwise."""
+        if self._layout.fits(y):
+            return self._layout
+        return scores.flat_layout(y.numel() // y.shape[-1], y.device)
 
     def _forward_hook(self, state: _SiteState):
         def hook(module, inputs, output):
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute pass is hooked
             record = self._reader(inputs[0])
-            record.readers += 1
+            record.sites.append(state.site)
             record.pending += 1
             xa = record.project(state.panels)
 
@@ -248,20 +266,20 @@ class Probe:
         Buffers hold squared norms per column of the projected gradients (batch, and per example weighted by
         c_i^2), or in exact mode ||G||^2 and sum_i c_i^2 ||G_i||^2; nothing else outlives the call.
         """
-        layout, w2 = self._layout, self._w2
-        if not layout.fits(d):  # tokens flattened (e.g. routed experts): no per-example split
+        layout, w2 = self._layout_of(d), self._w2
+        if layout is not self._layout:  # tokens flattened (e.g. routed experts): no per-example split
             d, xa = d.reshape(1, -1, d.shape[-1]), xa.reshape(1, -1, xa.shape[-1])
-            layout, w2 = scores.flat_layout(d.shape[1], d.device), torch.ones(1, device=d.device)
+            w2 = torch.ones(1, device=d.device)
         i, buffers = state.index, self._buffers
         g = scores.projected_grads(d, xa)  # (B, draws * r, d_out)
         g_batch = g.sum(dim=0)
         state.g_sum += g_batch
         torch.linalg.vecdot(g_batch, g_batch, out=buffers["columns"][i])
         if self.settings.mode == "exact":
-            if record.rows is None:
+            if record.rows is None and record.source is not None:
                 record.rows = layout.take(record.source)
             total, per, record.grams = scores.exact_energies(
-                layout.take(d), record.rows, layout, record.grams, record.readers)
+                layout.take(d), record.rows, layout, record.grams, len(record.sites))
             buffers["exact"][i, 0] = total
             buffers["exact"][i, 1] = w2 @ per
         else:

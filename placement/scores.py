@@ -127,23 +127,40 @@ def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | 
     return total, per
 
 
-def exact_energies(d: torch.Tensor, x: torch.Tensor, layout: Layout, x_grams: Grams | None = None,
+def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_grams: Grams | None = None,
                    readers: int = 1) -> tuple[torch.Tensor, torch.Tensor, Grams]:
     """(||G||^2, ||G_i||^2 per example, the x Gram blocks used) for kept rows d (N, d_out) and x (N, d_in).
 
     ||G||^2 takes whichever route costs fewer multiply-adds: the full token Grams, or G formed once (transiently)
     with only the diagonal Gram blocks for the per-example energies. The x Grams are shared by `readers` sites,
-    so their cost is split among them, and nothing when they are already there.
+    so their cost is split among them, and nothing when they are already there. With x None, only its full
+    Grams are at hand, and they are used.
     """
-    n, d_out, d_in = d.shape[0], d.shape[1], x.shape[1]
-    x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
-    full = gram_macs(layout, d_out + x_width, True) <= n * d_in * d_out + gram_macs(layout, d_out + x_width, False)
+    n, d_out = d.shape
+    if x is None:
+        full = True
+    else:
+        d_in = x.shape[1]
+        x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
+        full = gram_macs(layout, d_out + x_width, True) <= \
+            n * d_in * d_out + gram_macs(layout, d_out + x_width, False)
     if x_grams is None or (full and not x_grams.full):
         x_grams = token_grams(x, layout, full)
     total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
     if total is None:
         total = torch.linalg.vector_norm(d.t() @ x).square()
     return total, per, x_grams
+
+
+def keep_grams(layout: Layout, d_in: int, d_outs: list[int]) -> bool:
+    """Whether an input read by sites of these widths is better kept as its full token Grams than as x itself:
+    when they are smaller than x and the Gram route is the cheaper one for its readers taken together."""
+    if sum((e - s) * (layout.tokens - s) for s, e in layout.chunks) >= layout.tokens * d_in:
+        return False
+    by_grams = gram_macs(layout, d_in + sum(d_outs), True)
+    by_weights = sum(layout.tokens * d_in * d_out for d_out in d_outs) + \
+        gram_macs(layout, d_in + sum(d_outs), False)
+    return by_grams <= by_weights
 
 
 # -- projected gradients (never a weight-sized tensor) -----------------------------------------------------------

@@ -69,32 +69,47 @@ def test_fast_mode_estimates_page_and_keeps_page_sampled_exact(batches):
     assert rel.median() < 0.3
 
 
-def test_exact_aggregates_match_a_direct_computation(batches):
-    """page = mean_b s^2 r/(3 d_in) ||G_b||^2 with G_b from autograd on the weight itself."""
-    model = tiny_model("llama")
-    site = find_sites(model)[6]  # a down projection
-    result = probe(model, [site], batches, ProbeSettings(r=4, alpha=8)).scores.iloc[0]
-    weight = model.get_submodule(site.name).weight
-    energies, fisher, examples = [], 0.0, 0
-    for batch in batches:
-        weight.requires_grad_(True)
-        weight.grad = None
+@pytest.mark.parametrize("hidden, grams_kept", [(16, False), (96, True)])
+def test_exact_aggregates_match_a_direct_computation(batches, hidden, grams_kept, monkeypatch):
+    """page = mean_b s^2 r/(3 d_in) ||G_b||^2 with G_b from autograd on the weights themselves, for every site of a
+    block (q, k and v share an input, gate and up another), whether the probe keeps x or its token Grams."""
+    model = tiny_model("llama", hidden_size=hidden, intermediate_size=hidden * 3 // 2)
+    sites = [s for s in find_sites(model) if s.layer == 1]
+    decisions = []
+    keep_grams = scores.keep_grams
+    monkeypatch.setattr(scores, "keep_grams", lambda *args: decisions.append(keep_grams(*args)) or decisions[-1])
+    result = probe(model, sites, batches, ProbeSettings(r=4, alpha=8)).scores.set_index("site")
+    assert grams_kept in decisions
+    weights = {s.name: model.get_submodule(s.name).weight for s in sites}
+    energies = {name: [] for name in weights}
+    fisher = dict.fromkeys(weights, 0.0)
+    examples = 0
+
+    def gradients(batch):
+        for w in weights.values():
+            w.grad = None
         token_loss(model, batch).backward()
-        energies.append(float(weight.grad.double().pow(2).sum()))
-        counts = (batch.labels[:, 1:] != -100).sum(1)
+        return {name: w.grad.double() for name, w in weights.items()}
+
+    for w in weights.values():
+        w.requires_grad_(True)
+    for batch in batches:
+        for name, grad in gradients(batch).items():
+            energies[name].append(float(grad.pow(2).sum()))
         for i in range(batch.input_ids.shape[0]):  # per-example gradient of the example's own mean loss
-            weight.grad = None
             one = type(batch)(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1], batch.labels[i:i + 1])
-            token_loss(model, one).backward()
-            fisher += float(weight.grad.double().pow(2).sum())
+            for name, grad in gradients(one).items():
+                fisher[name] += float(grad.pow(2).sum())
             examples += 1
-        weight.requires_grad_(False)
-        assert counts.min() > 0
-    factor = scores.expected_factor(4, 8, site.d_in)
-    assert result["grad_energy"] == pytest.approx(np.mean(energies), rel=1e-5)
-    assert result["page"] == pytest.approx(factor * np.mean(energies), rel=1e-5)
-    assert result["fisher"] == pytest.approx(factor * fisher / examples, rel=1e-4)
-    assert 0 < result["coherence"] <= 1
+    for w in weights.values():
+        w.requires_grad_(False)
+        w.grad = None
+    for site in sites:
+        row, factor = result.loc[site.name], scores.expected_factor(4, 8, site.d_in)
+        assert row["grad_energy"] == pytest.approx(np.mean(energies[site.name]), rel=1e-5), site.name
+        assert row["page"] == pytest.approx(factor * np.mean(energies[site.name]), rel=1e-5), site.name
+        assert row["fisher"] == pytest.approx(factor * fisher[site.name] / examples, rel=1e-4), site.name
+        assert 0 < row["coherence"] <= 1
 
 
 def test_probe_leaves_base_frozen_and_gradient_free(batches):
