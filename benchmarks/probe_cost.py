@@ -17,6 +17,14 @@ does not work) minus the resident set once the model and batches are loaded and 
 examples (so lazy imports and one-time set-up are not counted; freed heap is trimmed before the baseline); on CUDA
 `torch.cuda.max_memory_allocated` minus the memory allocated at that point.
 
+On CPU each arm's memory is measured twice. With glibc's defaults the mmap threshold grows as large tensors are
+freed, later tensors come from the heap, and freed heap stays resident: that figure counts fragmentation, depends
+on the order of allocations and moves by a hundred MiB between arms that hold the same tensors. The headline
+figure fixes the threshold at glibc's initial 128 KiB (MALLOC_MMAP_THRESHOLD_), so every tensor larger than that
+is its own mapping, returned when freed, and the resident set follows the live tensors. A fifth memory-only arm,
+`exact_ckpt`, is the exact probe with gradient checkpointing (`--checkpointing`), which keeps block inputs instead
+of activations.
+
     python benchmarks/probe_cost.py                 # both models, 5 rounds
     python benchmarks/probe_cost.py --rounds 2      # a quick look
     python benchmarks/probe_cost.py --tiny-only     # seconds, no model download or cache needed
@@ -50,6 +58,8 @@ from placement.probe import ProbeSettings, probe, token_loss  # noqa: E402
 from placement.sites import candidate_weight_bytes, find_sites, modules_by_name  # noqa: E402
 
 ARMS = ("floor", "exact", "fast", "naive")
+MEMORY_ARMS = ARMS + ("exact_ckpt",)
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc default": {}}
 TARGETS = ("tiny", "embedded")
 RESULT_TAG = "PROBE_COST_ARM "
 MB = 1024 * 1024
@@ -120,7 +130,12 @@ def arm_naive(work: Workload, draws: int):
     return energy / len(work.batches)
 
 
-RUNNERS = {"floor": arm_floor, "exact": arm_exact, "fast": arm_fast, "naive": arm_naive}
+def arm_exact_ckpt(work: Workload, draws: int):
+    return probe(work.model, work.sites, work.batches, ProbeSettings(checkpointing=True)).scores
+
+
+RUNNERS = {"floor": arm_floor, "exact": arm_exact, "fast": arm_fast, "naive": arm_naive,
+           "exact_ckpt": arm_exact_ckpt}
 
 
 # -- building the two workloads ----------------------------------------------------------------------------------
@@ -269,9 +284,9 @@ def measure_arm(args) -> dict:
     }
 
 
-def child_peak(target: str, arm: str, args) -> dict:
+def child_peak(target: str, arm: str, args, allocator: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--target", target] + forwarded(args)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **allocator})
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -294,7 +309,8 @@ class Outcome:
     work: Workload
     seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})
     results: dict = field(default_factory=dict)
-    peak: dict = field(default_factory=dict)  # arm -> bytes
+    peak: dict = field(default_factory=dict)  # arm -> bytes, the headline allocator setting
+    peak_default: dict = field(default_factory=dict)  # arm -> bytes, glibc's default allocator (CPU only)
     peak_method: str = ""
 
     def median(self, arm: str) -> float:
@@ -343,12 +359,17 @@ def time_rounds(work: Workload, rounds: int, draws: int, log) -> Outcome:
 def report(out: Outcome) -> list[str]:
     floor, naive = out.median("floor"), out.median("naive")
     lines = [f"== {out.work.label}", f"   {out.work.describe}"]
-    lines.append(f"   {'arm':<6}{'median s':>10}{'min s':>10}{'max s':>10}{'x floor':>9}{'x naive':>9}{'peak MiB':>10}")
+    lines.append(f"   {'arm':<6}{'median s':>10}{'min s':>10}{'max s':>10}{'x floor':>9}{'x naive':>9}{'peak MiB':>10}"
+                 f"{'glibc default':>14}")
     for arm in ARMS:
         times = out.seconds[arm]
         peak = f"{out.peak[arm] / MB:10.1f}" if arm in out.peak else f"{'-':>10}"
+        default = f"{out.peak_default[arm] / MB:14.1f}" if arm in out.peak_default else f"{'-':>14}"
         lines.append(f"   {arm:<6}{out.median(arm):10.3f}{min(times):10.3f}{max(times):10.3f}"
-                     f"{out.median(arm) / floor:9.2f}{out.median(arm) / naive:9.2f}{peak}")
+                     f"{out.median(arm) / floor:9.2f}{out.median(arm) / naive:9.2f}{peak}{default}")
+    for arm in (a for a in MEMORY_ARMS if a not in ARMS and a in out.peak):
+        default = f"{out.peak_default[arm] / MB:14.1f}" if arm in out.peak_default else f"{'-':>14}"
+        lines.append(f"   {arm:<10}{'(memory only)':>46}{out.peak[arm] / MB:10.1f}{default}")
     lines.append(f"   ratios: fast/floor={out.ratio('fast', 'floor'):.2f} exact/floor={out.ratio('exact', 'floor'):.2f} "
                  f"exact/naive={out.ratio('exact', 'naive'):.2f} fast/naive={out.ratio('fast', 'naive'):.2f} "
                  f"naive/floor={out.ratio('naive', 'floor'):.2f}")
@@ -370,9 +391,12 @@ def side_by_side(outcomes: dict[str, Outcome]) -> list[str]:
             ("fast/floor", lambda o: f"{o.ratio('fast', 'floor'):.2f}"),
             ("exact/floor", lambda o: f"{o.ratio('exact', 'floor'):.2f}"),
             ("exact/naive", lambda o: f"{o.ratio('exact', 'naive'):.2f}"),
+            ("peak floor MiB", lambda o: f"{o.peak['floor'] / MB:.1f}" if o.peak else "-"),
             ("peak exact MiB", lambda o: f"{o.peak['exact'] / MB:.1f}" if o.peak else "-"),
+            ("peak fast MiB", lambda o: f"{o.peak['fast'] / MB:.1f}" if o.peak else "-"),
             ("peak naive MiB", lambda o: f"{o.peak['naive'] / MB:.1f}" if o.peak else "-"),
             ("peak exact/naive", lambda o: f"{o.mem_ratio('exact', 'naive'):.2f}" if o.peak else "-"),
+            ("peak exact_ckpt MiB", lambda o: f"{o.peak['exact_ckpt'] / MB:.1f}" if o.peak else "-"),
             ("candidate MiB", lambda o: f"{o.work.weight_bytes / MB:.1f}"),
             ("fast spearman", lambda o: f"{o.spearman():.3f}")]
     width = max(14, *(len(n) + 2 for n in names))
@@ -430,7 +454,7 @@ def parse(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--quiet", action="store_true", help="no per-call timing lines")
-    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    p.add_argument("--arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
     p.add_argument("--target", choices=TARGETS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -465,10 +489,14 @@ def main(argv=None) -> int:
         work.model = None  # free it before the memory children load their own copy
         gc.collect()
         if not args.no_memory:
-            for arm in ARMS:
-                res = child_peak(target, arm, args)
-                out.peak[arm], out.peak_method = res["peak_bytes"], res["method"]
-                log(f"  peak memory {arm:<5} {res['peak_bytes'] / MB:9.1f} MiB ({res['method']})")
+            allocators = ALLOCATORS if work.device.type == "cpu" else {"live": {}}
+            for name, allocator in allocators.items():
+                for arm in MEMORY_ARMS:
+                    res = child_peak(target, arm, args, allocator)
+                    (out.peak if name == "live" else out.peak_default)[arm] = res["peak_bytes"]
+                    if name == "live":
+                        out.peak_method = res["method"] + (" with a 128 KiB mmap threshold" if allocator else "")
+                    log(f"  peak memory {arm:<10} {res['peak_bytes'] / MB:9.1f} MiB ({res['method']}, {name})")
         outcomes[work.label] = out
 
     print()

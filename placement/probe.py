@@ -1,9 +1,10 @@
 """The probe: hooks on every site, the calibration loop, accumulation and distributed reduction.
 
-A forward hook keeps each site's input x (exact mode) or only its projection x A^T (fast mode), and registers a
-gradient hook on the site's output; when the output gradient d arrives during backward, the site's scores for the
-batch are computed at once and its tensors dropped. So at most one site's transient tensors exist at a time, no
-base weight ever requires grad, and no weight-sized gradient is kept.
+A forward hook projects each site's input x onto its draws of A (x A^T, shared by the sites that read one input)
+and registers a gradient hook on the site's output; when the output gradient d arrives during backward, the site's
+scores for the batch are computed at once and its tensors dropped. Exact mode also keeps, per input, x or its
+token Gram matrices, whichever is smaller, until its last reader is done. So no base weight ever requires grad,
+no weight-sized gradient is kept, and at most one site's transient tensors exist at a time.
 """
 from __future__ import annotations
 
@@ -129,23 +130,38 @@ class _Input:
     token Grams of x, which are all the exact energies need of it.
     """
 
-    __slots__ = ("source", "sites", "pending", "projections", "rows", "grams")
+    __slots__ = ("source", "leader", "sites", "pending", "panels", "projections", "rows", "grams")
 
-    def __init__(self, source: torch.Tensor):
+    def __init__(self, source: torch.Tensor, leader: int, group: "_PanelGroup | None"):
         self.source: torch.Tensor | None = source.detach()
+        self.leader = leader  # index of the first site that read it
         self.sites: list[Site] = []
         self.pending = 0
-        self.projections: dict = {}
+        self.panels: dict[int, torch.Tensor] = {}  # id -> panel, in the order first used
+        self.projections: dict[int, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
         self.grams: scores.Grams | None = None
+        if group is not None:  # every panel its readers used last batch, in one GEMM rather than a narrow one each
+            projected = scores.project_inputs(self.source, group.matrix)
+            self.projections = {key: projected[..., cut] for key, cut in group.cuts.items()}
 
     def project(self, panels: tuple) -> torch.Tensor:
         parts = []
         for panel in panels:
+            self.panels.setdefault(id(panel), panel)
             if id(panel) not in self.projections:
                 self.projections[id(panel)] = scores.project_inputs(self.source, panel)
             parts.append(self.projections[id(panel)])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def group(self) -> "_PanelGroup | None":
+        if len(self.panels) < 2:
+            return None
+        cuts, start = {}, 0
+        for key, panel in self.panels.items():
+            cuts[key] = slice(start, start + panel.shape[0])
+            start += panel.shape[0]
+        return _PanelGroup(torch.cat(list(self.panels.values())), cuts)
 
     def settle(self, layout: scores.Layout | None) -> None:
         """No later site reads this input: keep only what the readers' gradients will need (nothing in fast
@@ -161,6 +177,14 @@ class _Input:
         self.pending -= 1
         if self.pending == 0:
             self.source = self.rows = self.grams = None
+
+
+@dataclass
+class _PanelGroup:
+    """The panels of A that the sites reading one input use, stacked: a batch's readers are the same every batch."""
+
+    matrix: torch.Tensor
+    cuts: dict
 
 
 class Probe:
@@ -194,6 +218,7 @@ class Probe:
         self._layout: scores.Layout | None = None
         self._w2: torch.Tensor | None = None
         self._last: _Input | None = None
+        self._groups: dict[int, _PanelGroup | None] = {}  # leader site index -> its input's panels
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _draw(self, settings: ProbeSettings) -> list[_SiteState]:
@@ -226,17 +251,24 @@ class Probe:
         return states
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def _reader(self, source: torch.Tensor) -> _Input:
+    def _reader(self, source: torch.Tensor, state: _SiteState) -> _Input:
         """The record of this input: the previous site's when it read the very same tensor (sites that share an
         input run one after another), else a new one. Fast mode lets go of x once no later site can share it."""
         last = self._last
         if last is not None and last.source is not None and last.source.data_ptr() == source.data_ptr() \
                 and last.source.shape == source.shape and last.source.stride() == source.stride():
             return last
-        if last is not None and last.source is not None:
-            last.settle(self._layout_of(last.source) if self.settings.mode == "exact" else None)
-        self._last = _Input(source)
+        if last is not None:
+            self._retire(last)
+        self._last = _Input(source, state.index, self._groups.get(state.index))
         return self._last
+
+    def _retire(self, record: _Input) -> None:
+        """No later site reads this input: learn its readers' panels for the next batch, keep what they need."""
+        if record.leader not in self._groups:
+            self._groups[record.leader] = record.group()
+        if record.source is not None:
+            record.settle(self._layout_of(record.source) if self.settings.mode == "exact" else None)
 
     def _layout_of(self, y: torch.Tensor) -> scores.Layout:
         """The batch's layout for a site's (B, T, d) tensor, or one flat example for tokens laid out otherwise."""
@@ -248,7 +280,7 @@ class Probe:
         def hook(module, inputs, output):
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute pass is hooked
-            record = self._reader(inputs[0])
+            record = self._reader(inputs[0], state)
             record.sites.append(state.site)
             record.pending += 1
             xa = record.project(state.panels)
@@ -312,6 +344,8 @@ class Probe:
             fisher = per_draw(self._buffers["weighted"]).mean(dim=1) * self._s2
         self._sums += torch.stack([page, grad_energy, fisher], dim=1)
         self._batch_page.append(page)
+        if self._last is not None:
+            self._retire(self._last)
         self._last, self._buffers = None, {}
 
     # -- the loop ------------------------------------------------------------------------------------------------
