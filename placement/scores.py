@@ -54,6 +54,12 @@ class Layout:
     chunks: tuple[tuple[int, int], ...]  # [start, end) row ranges, each a run of whole examples
     examples: int
     shape: tuple[int, ...]  # the (B, T) this layout applies to
+    same: tuple = ()  # per chunk, 1.0 where two of its rows belong to one example (built once, used by every site)
+
+    def __post_init__(self):
+        if not self.same:
+            masks = tuple((self.example[s:e, None] == self.example[None, s:e]).float() for s, e in self.chunks)
+            object.__setattr__(self, "same", masks)
 
     @property
     def tokens(self) -> int:
@@ -87,7 +93,8 @@ def batch_layout(attention_mask: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> 
 
 def flat_layout(tokens: int, device=None) -> Layout:
     """All rows as one example: for sites whose tokens are not laid out per example (e.g. routed experts)."""
-    return Layout(None, torch.zeros(tokens, dtype=torch.long, device=device), ((0, tokens),), 1, (1, tokens))
+    return Layout(None, torch.zeros(tokens, dtype=torch.long, device=device), ((0, tokens),), 1, (1, tokens),
+                  same=(torch.ones(1, 1, device=device),))  # one example: every pair is "same", by broadcast
 
 
 # -- exact energies ----------------------------------------------------------------------------------------------
@@ -116,12 +123,11 @@ def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | 
     """
     per = torch.zeros(layout.examples, dtype=torch.float32, device=layout.example.device)
     total = torch.zeros((), dtype=torch.float32, device=per.device) if dg.full else None
-    for (s, e), d_block, x_block in zip(layout.chunks, dg.blocks, xg.blocks):
+    for (s, e), same, d_block, x_block in zip(layout.chunks, layout.same, dg.blocks, xg.blocks):
         c = e - s
         prod = d_block * x_block[:, : d_block.shape[1]]
         square = prod[:, :c]
-        ex = layout.example[s:e]
-        per.index_add_(0, ex, (square * (ex[:, None] == ex[None, :])).sum(dim=1))
+        per.index_add_(0, layout.example[s:e], (square * same).sum(dim=1))
         if total is not None:
             total = total + square.sum() + 2 * prod[:, c:].sum()
     return total, per
@@ -142,8 +148,11 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
     else:
         d_in = x.shape[1]
         x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
-        full = gram_macs(layout, d_out + x_width, True) <= \
-            n * d_in * d_out + gram_macs(layout, d_out + x_width, False)
+        per_example = 0 if layout.examples == 1 else gram_macs(layout, d_out + x_width, False)
+        full = gram_macs(layout, d_out + x_width, True) <= n * d_in * d_out + per_example
+    if not full and layout.examples == 1:  # the one example's energy is the total: no Gram blocks needed
+        total = torch.linalg.vector_norm(d.t() @ x).square()
+        return total, total.reshape(1), x_grams or Grams([], False)
     if x_grams is None or (full and not x_grams.full):
         x_grams = token_grams(x, layout, full)
     total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)

@@ -42,6 +42,19 @@ def test_exact_energies_match_direct(batch, length, d_in, d_out, chunk_rows, gra
     assert again is grams or not grams.full
 
 
+def test_exact_energies_of_one_flat_example():
+    g = torch.Generator().manual_seed(3)
+    x, d = torch.randn(50, 4, generator=g), torch.randn(50, 3, generator=g)
+    layout = scores.flat_layout(50)
+    total, per, _ = scores.exact_energies(d, x, layout)  # G is cheaper than a 50 x 50 Gram here
+    assert float(total) == pytest.approx(float((d.double().t() @ x.double()).pow(2).sum()), rel=1e-5)
+    assert per.tolist() == [float(total)]
+    x, d = torch.randn(3, 40, generator=g), torch.randn(3, 30, generator=g)
+    total_g, per_g, grams = scores.exact_energies(d, x, scores.flat_layout(3))  # and the Gram here
+    assert grams.full and float(total_g) == pytest.approx(float((d.t() @ x).pow(2).sum()), rel=1e-5)
+    assert float(per_g[0]) == pytest.approx(float(total_g), rel=1e-6)
+
+
 def test_layout_keeps_real_tokens_in_whole_example_chunks():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     layout = scores.batch_layout(mask, chunk_rows=4)
