@@ -426,21 +426,21 @@ class Probe:
 
     def _result(self, n_batches: int, tokens: int, seconds: float, batch_page: np.ndarray) -> "ProbeResult":
         fast = self.settings.mode == "fast"
-        sums = (self._sums / n_batches).cpu().numpy()
+        totals = self._sums.cpu().numpy()  # (sites, [page, grad_energy, fisher]) summed over batches
         sampled = (self._sampled_sum / n_batches).cpu()  # (sites, draws)
         rows = []
-        for st, (page, grad_energy, _), draws in zip(self.states, sums, sampled):
+        for st, (page_sum, grad_energy_sum, fisher_sum), draws in zip(self.states, totals, sampled):
             # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
             g_mean = st.g_sum.double() / n_batches
             spread = float(draws.sum())
             coherence = float(g_mean.pow(2).sum()) * self._s2 / spread if spread > 0 else 0.0
             rows.append(dict(
                 st.site.to_dict(),
-                page=float(draws.mean()) if fast else float(page),
+                page=float(draws.mean()) if fast else page_sum / n_batches,
                 page_se=float(draws.std() / len(draws) ** 0.5) if fast else np.nan,
                 page_sampled=float(draws[0]),
-                grad_energy=np.nan if fast else float(grad_energy),
-                fisher=float(self._sums[st.index, 2]) / max(st.examples, 1),
+                grad_energy=np.nan if fast else grad_energy_sum / n_batches,
+                fisher=fisher_sum / max(st.examples, 1),
                 coherence=coherence,
             ))
         frame = pd.DataFrame(rows).rename(columns={"name": "site"})

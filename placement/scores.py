@@ -54,12 +54,7 @@ class Layout:
     chunks: tuple[tuple[int, int], ...]  # [start, end) row ranges, each a run of whole examples
     examples: int
     shape: tuple[int, ...]  # the (B, T) this layout applies to
-    same: tuple = ()  # per chunk, 1.0 where two of its rows belong to one example (built once, used by every site)
-
-    def __post_init__(self):
-        if not self.same:
-            masks = tuple((self.example[s:e, None] == self.example[None, s:e]).float() for s, e in self.chunks)
-            object.__setattr__(self, "same", masks)
+    same: tuple  # per chunk, 1.0 where two of its rows belong to one example (built once, used by every site)
 
     @property
     def tokens(self) -> int:
@@ -88,13 +83,14 @@ def batch_layout(attention_mask: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> 
             start = end
     if end > start:
         chunks.append((start, end))
-    return Layout(rows, example, tuple(chunks), len(lengths), tuple(mask.shape))
+    same = tuple((example[s:e, None] == example[None, s:e]).float() for s, e in chunks)
+    return Layout(rows, example, tuple(chunks), len(lengths), tuple(mask.shape), same)
 
 
 def flat_layout(tokens: int, device=None) -> Layout:
     """All rows as one example: for sites whose tokens are not laid out per example (e.g. routed experts)."""
     return Layout(None, torch.zeros(tokens, dtype=torch.long, device=device), ((0, tokens),), 1, (1, tokens),
-                  same=(torch.ones(1, 1, device=device),))  # one example: every pair is "same", by broadcast
+                  (torch.ones(1, 1, device=device),))  # one example: every pair is "same", by broadcast
 
 
 # -- exact energies ----------------------------------------------------------------------------------------------
@@ -134,8 +130,8 @@ def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | 
 
 
 def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_grams: Grams | None = None,
-                   readers: int = 1) -> tuple[torch.Tensor, torch.Tensor, Grams]:
-    """(||G||^2, ||G_i||^2 per example, the x Gram blocks used) for kept rows d (N, d_out) and x (N, d_in).
+                   readers: int = 1) -> tuple[torch.Tensor, torch.Tensor, Grams | None]:
+    """(||G||^2, ||G_i||^2 per example, the x Gram blocks used, if any) for kept rows d (N, d_out) and x (N, d_in).
 
     ||G||^2 takes whichever route costs fewer multiply-adds: the full token Grams, or G formed once (transiently)
     with only the diagonal Gram blocks for the per-example energies. The x Grams are shared by `readers` sites,
@@ -150,14 +146,15 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
         x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
         per_example = 0 if layout.examples == 1 else gram_macs(layout, d_out + x_width, False)
         full = gram_macs(layout, d_out + x_width, True) <= n * d_in * d_out + per_example
-    if not full and layout.examples == 1:  # the one example's energy is the total: no Gram blocks needed
+    total = None
+    if full or layout.examples > 1:  # one example's own energy is the total: it needs no Gram blocks
+        if x_grams is None or (full and not x_grams.full):
+            x_grams = token_grams(x, layout, full)
+        total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
+    if total is None:  # the weight route: G formed once, transiently
         total = torch.linalg.vector_norm(d.t() @ x).square()
-        return total, total.reshape(1), x_grams or Grams([], False)
-    if x_grams is None or (full and not x_grams.full):
-        x_grams = token_grams(x, layout, full)
-    total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
-    if total is None:
-        total = torch.linalg.vector_norm(d.t() @ x).square()
+        if layout.examples == 1:
+            per = total.reshape(1)
     return total, per, x_grams
 
 
