@@ -45,6 +45,15 @@ def output_options(fn):
 
 
 report_option = click.option("--report", "make_report", is_flag=True, help="also write OUT/report.html")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                 help="replace an earlier run of placement in --out (only the files it listed)")
+
+
+def _run_folder(out, overwrite: bool, **kwargs):
+    """Claim --out for this run before any model loads: see placement.outputs.run_folder."""
+    from .outputs import run_folder
+
+    return run_folder(out, overwrite=overwrite, **kwargs)
 
 
 def strategy_options(fn):
@@ -118,13 +127,14 @@ def sites(model, dtype, device, trust_remote_code, as_json, quiet, include_route
 @click.option("--bootstrap", type=int, default=200, show_default=True,
               help="resamples of the calibration batches for rank intervals (0: none)")
 @strategy_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for scores, plan and heatmap")
+@click.option("--out", required=True, type=click.Path(), help="folder for scores, plan and heatmap")
+@overwrite_option
 @report_option
 @output_options
 @user_errors
 def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, max_length, seed, rank, alpha,
-            rslora, fast, draws, score, checkpointing, bootstrap, strategy, k, max_params, strategy_seed, out, as_json,
-            quiet, make_report):
+            rslora, fast, draws, score, checkpointing, bootstrap, strategy, k, max_params, strategy_seed, out,
+            overwrite, as_json, quiet, make_report):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .plan import Strategy
     from .probe import ProbeSettings
@@ -136,12 +146,13 @@ def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, 
                              use_rslora=rslora, checkpointing=checkpointing)
     settings.check()
     examples = load_examples(data, seed)  # read the data before the model: a bad file fails in a second
-    lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
-    result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size, max_length=max_length,
-                         settings=settings, score=score, strategy=chosen, progress=not quiet, examples=examples,
-                         bootstrap=bootstrap)
-    write_profile(result, out, title=f"{source.name} on {data}: {score}")
-    _finish(out, make_report)
+    with _run_folder(out, overwrite):
+        lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
+        result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size,
+                             max_length=max_length, settings=settings, score=score, strategy=chosen,
+                             progress=not quiet, examples=examples, bootstrap=bootstrap)
+        write_profile(result, out, title=f"{source.name} on {data}: {score}")
+        _finish(out, make_report)
     summary = result.summary() | {"out": out, "targets": result.plan.targets}
     ratio = summary["top1_top2_ratio"]
     _emit(summary, as_json, [
@@ -169,41 +180,60 @@ def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, 
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan JSON here")
 @click.option("--peft-config", type=click.Path(file_okay=False), default=None,
               help="write PEFT's adapter_config.json into this folder")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file or adapter_config.json")
 @output_options
 @user_errors
 def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, trust_remote_code, out, peft_config,
-             as_json, quiet):
-    """Make a placement plan from a profile's folder (or its scores.csv, with plan.json beside it)."""
-    from .outputs import atomic_dir
+             overwrite, as_json, quiet):
+    """Make a placement plan from a profile's folder, its scores.csv or a plan file; without --out or --peft-config
+    print the plan JSON."""
+    from .outputs import json_text, write_new_file
     from .plan import Plan, Strategy
 
     path = Path(source)
-    folder = path.parent if path.suffix == ".csv" else path
     if not path.exists():
-        raise PlacementError(f"{source} not found: pass the --out folder of placement profile")
-    base = Plan.load(folder / "plan.json")
+        raise PlacementError(f"{source} not found: pass the --out folder of placement profile or a plan file")
+    base = Plan.load(path.parent / "plan.json" if path.suffix == ".csv" else path)
     chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
+    chosen.check()
     if rank is not None:
+        if rank < 1:
+            raise PlacementError(f"--r {rank} is not a LoRA rank: pass a positive integer")
         base.peft = dict(base.peft, r=rank)
     new = base.with_strategy(chosen)
-    if out is None and peft_config is None:
-        raise PlacementError("nothing to write: pass --out FILE.json and/or --peft-config FOLDER")
     if check_model:
         lm, _, _ = _load(check_model, "float32", "cpu", trust_remote_code, quiet=True)
         new.check(lm)
+    config = _peft_config_text(new) if peft_config else None
     if out:
-        new.save(out)
+        write_new_file(out, json_text(new.to_json()), overwrite)
     if peft_config:
-        config = new.lora_config()
-        with atomic_dir(peft_config) as tmp:
-            config.save_pretrained(str(tmp))
-    summary = {"strategy": new.label, "targets": new.targets, "trainable_params": new.trainable_params,
+        write_new_file(Path(peft_config) / "adapter_config.json", config, overwrite)
+    if not out and not peft_config:
+        click.echo(json_text(new.to_json()), nl=False)
+        return
+    rank_of = {row["site"]: row["rank"] for row in new.sites}
+    by_rank = sorted(new.targets, key=lambda t: rank_of.get(t, 0))
+    summary = {"strategy": new.label, "targets": by_rank, "trainable_params": new.trainable_params,
                "out": out, "peft_config": peft_config}
     _emit(summary, as_json, [
         f"strategy   {new.label}",
-        f"targets    {len(new.targets)}: {', '.join(new.targets[:6])}" + (" ..." if len(new.targets) > 6 else ""),
+        f"targets    {len(by_rank)} by rank: {', '.join(by_rank[:6])}" + (" ..." if len(by_rank) > 6 else ""),
         f"trainable  {new.trainable_params:,} LoRA parameters at r={new.peft['r']}",
     ] + ([f"wrote      {out}"] if out else []) + ([f"wrote      {peft_config}/adapter_config.json"] if peft_config else []))
+
+
+def _peft_config_text(plan) -> str:
+    """PEFT's own adapter_config.json for a plan, with sorted targets, naming the model as the user gave it."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan.lora_config().save_pretrained(tmp)
+        config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
+    config["target_modules"] = sorted(config.get("target_modules") or [])
+    config["base_model_name_or_path"] = plan.model.get("name")
+    return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def _task_name(spec: str) -> str:
@@ -220,12 +250,13 @@ def _task_name(spec: str) -> str:
 @click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, at most")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--k", "top_k", type=int, default=5, show_default=True, help="size of the top-k sets compared")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path())
+@overwrite_option
 @report_option
 @output_options
 @user_errors
 def stability(model, dtype, device, trust_remote_code, datas, batches, batch_size, max_length, seed, top_k, out,
-              as_json, quiet, make_report):
+              overwrite, as_json, quiet, make_report):
     """Probe one model on several tasks and say how far their site rankings agree (Spearman, Kendall, top-1, top-k)."""
     from .outputs import write_csv, write_text
     from .probe import ProbeSettings
@@ -237,21 +268,22 @@ def stability(model, dtype, device, trust_remote_code, datas, batches, batch_siz
     if len(datas) < 2 or len(set(names)) < len(names):
         raise PlacementError("stability needs two or more different --data tasks: give --data once per task")
     examples = {d: load_examples(d, seed) for d in datas}  # every file is read before the model loads
-    lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
-    rankings, lines = {}, []
-    for name, spec in zip(names, datas):
-        profile = run_profile(lm, tokenizer, source, spec, batches=batches, batch_size=batch_size,
-                              max_length=max_length, settings=ProbeSettings(seed=seed), progress=not quiet,
-                              examples=examples[spec])
-        write_profile(profile, Path(out) / name, title=f"{source.name} on {spec}: page")
-        rankings[name] = profile.ranked.set_index("site")["page"]
-        top = profile.ranked.iloc[0]
-        lines.append(f"{name:>16s}: top {top.site} ({100 * top.share:.1f}%)")
-    table = agreement_table(rankings, k=top_k)
-    write_csv(Path(out) / "stability.csv", table)
-    write_text(Path(out) / "stability.md", table.to_markdown(index=False, floatfmt=".3f") + "\n")
-    agreement_matrix(table, names, Path(out) / "stability.png", title=f"{source.name}: site rankings across tasks")
-    _finish(out, make_report)
+    with _run_folder(out, overwrite):
+        lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
+        rankings, lines = {}, []
+        for name, spec in zip(names, datas):
+            profile = run_profile(lm, tokenizer, source, spec, batches=batches, batch_size=batch_size,
+                                  max_length=max_length, settings=ProbeSettings(seed=seed), progress=not quiet,
+                                  examples=examples[spec])
+            write_profile(profile, Path(out) / name, title=f"{source.name} on {spec}: page")
+            rankings[name] = profile.ranked.set_index("site")["page"]
+            top = profile.ranked.iloc[0]
+            lines.append(f"{name:>16s}: top {top.site} ({100 * top.share:.1f}%)")
+        table = agreement_table(rankings, k=top_k)
+        write_csv(Path(out) / "stability.csv", table)
+        write_text(Path(out) / "stability.md", table.to_markdown(index=False, floatfmt=".3f") + "\n")
+        agreement_matrix(table, names, Path(out) / "stability.png", title=f"{source.name}: site rankings across tasks")
+        _finish(out, make_report)
     _emit(({"tasks": dict(zip(names, datas)), "pairs": table.to_dict("records"), "out": out}), as_json,
           lines + [table.to_markdown(index=False, floatfmt=".3f"), f"wrote {out}/stability.csv, stability.md, stability.png"])
 
@@ -267,10 +299,9 @@ def report(run_dir):
 
 
 def _finish(out, make_report: bool) -> None:
-    """Record the command and versions beside a run's outputs, and write its HTML report when asked."""
-    from .report_html import record_run, write_report
+    """Write a run's HTML report when asked (run.json already records the command, versions and files)."""
+    from .report_html import write_report
 
-    record_run(out)
     if make_report:
         write_report(out)
 
@@ -279,9 +310,10 @@ def data_split_options(fn):
     for option in reversed([
         click.option("--data", required=True, help="training data: builtin:arithmetic, a JSON/JSONL/CSV/Parquet file, or a hub data set"),
         click.option("--eval-data", default=None, help="test data in the same formats (default: held out from --data)"),
-        click.option("--test", "n_test", type=int, default=100, show_default=True, help="test examples"),
-        click.option("--validation", "n_validation", type=int, default=64, show_default=True,
-                     help="validation examples, held out from the training data"),
+        click.option("--test", "n_test", type=int, default=None,
+                     help="test examples [default: 10% of the distinct prompts, at most 100]"),
+        click.option("--validation", "n_validation", type=int, default=None,
+                     help="validation examples, held out from the training data [default: 10%, at most 64]"),
     ]):
         fn = option(fn)
     return fn
@@ -300,15 +332,27 @@ def train_options(fn):
     return fn
 
 
-def _splits(data, eval_data, n_test, n_validation, seed):
+def _splits(data, eval_data, n_test, n_validation, seed, quiet=False):
     from .data import task_splits
     from .profile import load_examples
 
-    if n_test < 1:
+    if n_test is not None and n_test < 1:
         raise PlacementError(f"--test {n_test} leaves nothing to evaluate on: pass at least 1")
     examples = load_examples(data, seed)
     held = load_examples(eval_data, seed) if eval_data else None
-    return task_splits(examples, held, test=n_test, validation=n_validation, seed=seed)
+    train_set, val_set, test_set = task_splits(examples, held, test=n_test, validation=n_validation, seed=seed)
+    if not test_set:
+        raise PlacementError(f"{data} has too few distinct prompts to hold out a test example: add data or pass --eval-data")
+    if not quiet:
+        source = f"from {eval_data}" if eval_data else "held out"
+        click.echo(f"data       {len(train_set)} training, {len(val_set)} validation and {len(test_set)} test "
+                   f"examples ({source})", err=True)
+    return train_set, val_set, test_set
+
+
+def _check_generation(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise PlacementError(f"--max-new-tokens {max_new_tokens} generates nothing: pass a positive number such as 32")
 
 
 @main.command("train")
@@ -321,13 +365,15 @@ def _splits(data, eval_data, n_test, n_validation, seed):
 @train_options
 @click.option("--r", "rank", type=int, default=None, help="LoRA rank (default: the plan's)")
 @click.option("--save-every", type=int, default=0, show_default=True, help="checkpoint every N steps (0: never)")
-@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--merge", is_flag=True, help="also write the merged model to OUT/merged")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="adapter folder (PEFT format)")
+@click.option("--out", required=True, type=click.Path(), help="adapter folder (PEFT format)")
+@overwrite_option
 @output_options
 @user_errors
 def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_data, n_test, n_validation, steps, lr,
-              batch_size, max_length, seed, max_new_tokens, rank, save_every, resume, merge, out, as_json, quiet):
+              batch_size, max_length, seed, max_new_tokens, rank, save_every, resume, merge, out, overwrite, as_json,
+              quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from . import evaluate as ev
     from .outputs import write_csv
@@ -337,24 +383,27 @@ def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_dat
     chosen = Plan.load(plan_path)
     if rank is not None:
         chosen = chosen.with_strategy(Strategy("given", targets=chosen.targets, source=chosen.label), r=rank)
+    if resume and overwrite:
+        raise PlacementError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                              save_every=save_every)
     settings.check()
-    train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed)
-    lm, tokenizer, _ = _load(model or chosen.model.get("name") or chosen.model.get("path"), dtype, device,
-                             trust_remote_code, quiet)
-    run = train(lm, tokenizer, chosen, train_set, settings, out=out, resume=resume, progress=not quiet)
-    result = ev.evaluate(run.model, tokenizer, test_set, max_length=max_length, max_new_tokens=max_new_tokens,
-                         progress=not quiet)
-    metrics = run_metrics(run, chosen) | {"eval_loss": result.eval_loss, "exact_match": result.exact_match,
-                                          "balanced_accuracy": result.balanced_accuracy, "test_examples": len(test_set),
-                                          "data": data, "eval_data": eval_data}
-    write_run(run, out, metrics)
-    write_csv(Path(out) / "predictions.csv", ev.predictions_frame(test_set, result))
-    chosen.save(Path(out) / "plan.json")
-    if merge:
-        save_merged(run.model, tokenizer, Path(out) / "merged")
-    _finish(out, False)
+    _check_generation(max_new_tokens)
+    train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed, quiet)
+    model_name = model or chosen.model.get("name")
+    with _run_folder(out, overwrite, resume=resume, keep_on_error=("checkpoints/",), refusal_hint=_checkpoint_hint(out)):
+        lm, tokenizer, _ = _load(model_name, dtype, device, trust_remote_code, quiet)
+        run = train(lm, tokenizer, chosen, train_set, settings, out=out, resume=resume, progress=not quiet)
+        result = ev.evaluate(run.model, tokenizer, test_set, max_length=max_length, max_new_tokens=max_new_tokens,
+                             progress=not quiet)
+        metrics = run_metrics(run, chosen) | {"eval_loss": result.eval_loss, "exact_match": result.exact_match,
+                                              "balanced_accuracy": result.balanced_accuracy,
+                                              "test_examples": len(test_set), "data": data, "eval_data": eval_data}
+        write_run(run, out, metrics, model_name=model_name)
+        write_csv(Path(out) / "predictions.csv", ev.predictions_frame(test_set, result))
+        chosen.save(Path(out) / "plan.json")
+        if merge:
+            save_merged(run.model, tokenizer, Path(out) / "merged")
     lines = [
         f"trained    {chosen.label}: {len(chosen.targets)} site(s), {run.trainable_params:,} parameters, "
         f"{steps} steps at lr {lr:g}, {run.sec_per_step:.2f} s/step, peak {run.peak_mem_mb:.0f} MiB",
@@ -362,32 +411,53 @@ def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_dat
     ]
     if result.exact_match is not None:
         lines.append(f"exact      {100 * result.exact_match:.1f}% of {len(test_set)} test examples")
+    else:
+        lines.append(f"exact      not scored: {ev.skipped_exact_match(test_set)}; held-out loss only")
     lines.append(f"wrote      {out}/adapter_model.safetensors, adapter_config.json, metrics.json, loss.csv"
                  + (", merged/" if merge else ""))
     _emit(metrics, as_json, lines)
 
 
-def _compare(lm, tokenizer, source, data, splits, arms, train_settings, *, rank, alpha, scores, batches, out,
-             quiet, lr_sweep=False, sweep_arms=None, max_new_tokens=32):
-    """Probe (or read a profile), then train and evaluate every arm; shared by compare and the demo."""
-    from .compare import CompareSettings, parse_arms, run_compare
+def _checkpoint_hint(out):
+    """The refusal for a train folder whose earlier run left a checkpoint: say how to continue it."""
+    def hint(record: dict) -> str | None:
+        if any(str(f).startswith("checkpoints/") for f in record.get("files", [])):
+            return (f"--out {out} holds a checkpoint of an unfinished run: pass --resume to continue it, "
+                    "or --overwrite to start afresh")
+        return None
+
+    return hint
+
+
+def _compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens):
+    """Everything about a comparison that can be wrong without a model, checked before any loading."""
+    from .compare import parse_arms
     from .plan import Plan
-    from .probe import ProbeSettings
-    from .profile import run_profile, write_profile
-    from .report import write_comparison
 
     parsed = parse_arms(arms)
-    train_settings.check()
+    _check_generation(max_new_tokens)
     if lr_sweep and not splits[1]:
         raise PlacementError("--lr-sweep needs a validation split: pass --validation N with N > 0")
     unknown = [a.strip() for a in (sweep_arms or "").split(",") if a.strip() and a.strip() not in {p.label for p in parsed}]
     if unknown:
         raise PlacementError(f"--sweep-arms names '{unknown[0]}', which is not in --arms: sweep arms of the comparison")
-    if scores:
-        base = Plan.load(scores)
+    return parsed, (Plan.load(scores) if scores else None)
+
+
+def _compare(lm, tokenizer, source, data, splits, parsed, base, train_settings, *, rank, alpha, batches, out,
+             quiet, lr_sweep=False, sweep_arms=None, max_new_tokens=32):
+    """Probe (or use the given profile's plan), then train and evaluate every arm; shared by compare and the demo."""
+    from .compare import CompareSettings, check_arms, run_compare
+    from .probe import ProbeSettings
+    from .profile import run_profile, write_profile
+    from .report import write_comparison
+
+    check_arms(parsed, lm)  # before the probe: an arm this model cannot give fails in seconds
+    if base is not None:
         base.check(lm)
     else:
         probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=train_settings.seed)
+        probe_settings.check()
         profile = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=train_settings.batch_size,
                               max_length=train_settings.max_length, settings=probe_settings, progress=not quiet,
                               examples=splits[0])
@@ -414,34 +484,38 @@ def _compare(lm, tokenizer, source, data, splits, arms, train_settings, *, rank,
 @click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe")
 @click.option("--lr-sweep", is_flag=True, help="try 1e-4, 3e-4, 1e-3, 3e-3 per arm, keep the best validation loss")
 @click.option("--sweep-arms", default=None, help="comma-separated arms to sweep (default: all)")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path())
+@overwrite_option
 @report_option
 @output_options
 @user_errors
 def compare(model, dtype, device, trust_remote_code, data, eval_data, n_test, n_validation, steps, lr, batch_size,
             max_length, seed, max_new_tokens, arms, rank, alpha, scores, batches, lr_sweep, sweep_arms, out,
-            as_json, quiet, make_report):
+            overwrite, as_json, quiet, make_report):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
-    from .compare import parse_arms
-
+    from .probe import ProbeSettings
     from .train import TrainSettings
 
-    parse_arms(arms)  # a typo in --arms fails before any loading
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
     settings.check()
-    splits = _splits(data, eval_data, n_test, n_validation, seed)
-    lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
-    comparison, base = _compare(lm, tokenizer, source, data, splits, arms, settings, rank=rank, alpha=alpha,
-                                scores=scores, batches=batches, out=out, quiet=quiet, lr_sweep=lr_sweep,
-                                sweep_arms=sweep_arms, max_new_tokens=max_new_tokens)
-    _finish(out, make_report)
+    if not scores:
+        ProbeSettings(r=rank, alpha=alpha, seed=seed).check()
+    splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
+    parsed, base = _compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens)
+    with _run_folder(out, overwrite):
+        lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
+        comparison, base = _compare(lm, tokenizer, source, data, splits, parsed, base, settings, rank=rank,
+                                    alpha=alpha, batches=batches, out=out, quiet=quiet, lr_sweep=lr_sweep,
+                                    sweep_arms=sweep_arms, max_new_tokens=max_new_tokens)
+        _finish(out, make_report)
     summary = {"dominant_site": min(base.sites, key=lambda row: row["rank"])["site"], "out": out,
                "rows": comparison.table.to_dict("records")}
     _emit(summary, as_json, [comparison.markdown(), f"wrote {out}/comparison.csv, comparison.md, curves.png, arms/"])
 
 
 @main.command()
-@click.option("--out", default="reports/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(),
+              help="output folder; an earlier demo there is replaced")
 @click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe")
 @click.option("--steps", type=int, default=60, show_default=True, help="training steps per arm")
 @click.option("--test", "n_test", type=int, default=60, show_default=True, help="test examples")
@@ -456,12 +530,15 @@ def demo(out, batches, steps, n_test, arms, as_json, quiet):
 
     data = "builtin:arithmetic"
     settings = TrainSettings(steps=steps, batch_size=8, max_length=64, seed=0)
-    splits = _splits(data, None, n_test, 32, 0)
-    lm, tokenizer, source = _load("smollm2-135m", "float32", "cpu", False, quiet)
-    comparison, base = _compare(lm, tokenizer, source, data, splits, arms, settings, rank=8, alpha=16, scores=None,
-                                batches=batches, out=out, quiet=quiet, max_new_tokens=12)
-    base.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "profile" / "top4.json")
-    _finish(out, True)
+    settings.check()
+    splits = _splits(data, None, n_test, 32, 0, quiet)
+    parsed, _ = _compare_inputs(arms, splits, False, None, None, 12)
+    with _run_folder(out, overwrite=True):
+        lm, tokenizer, source = _load("smollm2-135m", "float32", "cpu", False, quiet)
+        comparison, base = _compare(lm, tokenizer, source, data, splits, parsed, None, settings, rank=8, alpha=16,
+                                    batches=batches, out=out, quiet=quiet, max_new_tokens=12)
+        base.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "profile" / "top4.json")
+        _finish(out, True)
     top = min(base.sites, key=lambda row: row["rank"])
     summary = {"dominant_site": top["site"], "share": top["share"], "out": out,
                "rows": comparison.table.to_dict("records")}

@@ -71,6 +71,21 @@ def parse_arms(spec: str) -> list[Arm]:
     return arms
 
 
+def check_arms(arms: list[Arm], model) -> None:
+    """Refuse an arm this model cannot give (more sites or layers than it has) before anything is computed."""
+    from .sites import num_layers
+
+    sites = len(find_sites(model))
+    layers = num_layers(model)
+    for arm in arms:
+        if arm.k is None:
+            continue
+        limit, what = (layers, "layers") if arm.strategy == "last-k" else (sites, "candidate sites")
+        if arm.k > limit:
+            raise PlacementError(f"arm '{arm.label}' asks for {arm.k} {what}, but this model has {limit}: "
+                                 f"pass N of at most {limit}")
+
+
 def _selector_k(arms: list[Arm]) -> int:
     """kappa and snr without a count take as many sites as the first top-N arm (4 when there is none)."""
     return next((a.k for a in arms if a.strategy == "top-k"), 4)
@@ -110,19 +125,27 @@ class Comparison:
     kind: str | None
 
     def markdown(self) -> str:
-        shown = self.table.copy()
-        for column in ("exact_match", "balanced_accuracy", "params_pct"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}%"
-                                              if column != "params_pct" else f"{v:.2f}%")
-        shown["trainable_params"] = shown["trainable_params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
-        for column in ("eval_loss", "val_loss", "train_loss_last"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-        shown["lr"] = shown["lr"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
-        shown["sec_per_step"] = shown["sec_per_step"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        shown["peak_mem_mb"] = shown["peak_mem_mb"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
-        for column in ("sites", "r"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
-        return shown.to_markdown(index=False)
+        return formatted_table(self.table).to_markdown(index=False)
+
+
+def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The comparison table as people read it (percentages, thousands separators, few decimals): the CLI, the
+    markdown file and the HTML report all show this form."""
+    shown = table.copy()
+    blank = lambda fmt: (lambda v: "" if pd.isna(v) else fmt(v))  # noqa: E731
+    percent = blank(lambda v: f"{100 * v:.1f}%")
+    formats = {
+        "exact_match": percent, "balanced_accuracy": percent, "params_pct": blank(lambda v: f"{v:.2f}%"),
+        "trainable_params": blank(lambda v: f"{int(v):,}"), "lr": blank(lambda v: f"{v:g}"),
+        "eval_loss": blank(lambda v: f"{v:.3f}"), "val_loss": blank(lambda v: f"{v:.3f}"),
+        "train_loss_last": blank(lambda v: f"{v:.3f}"), "sec_per_step": blank(lambda v: f"{v:.2f}"),
+        "peak_mem_mb": blank(lambda v: f"{v:.0f}"), "sites": blank(lambda v: f"{int(v)}"),
+        "r": blank(lambda v: f"{int(v)}"),
+    }
+    for column, fmt in formats.items():
+        if column in shown.columns:
+            shown[column] = shown[column].map(fmt)
+    return shown
 
 
 def _row(label: str, **values) -> dict:
@@ -183,7 +206,7 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
             "balanced_accuracy": result.balanced_accuracy, "val_loss": run.extra["val_loss"],
             "lr_sweep": run.extra["sweep"] if settings.sweeps(arm) else None,
         }
-        write_run(run, folder, metrics)
+        write_run(run, folder, metrics, model_name=base.model.get("name"))
         plan.save(folder / "plan.json")
         write_csv(folder / "predictions.csv", ev.predictions_frame(test_set, result))
         rows.append(_row(arm.label, sites=len(plan.targets), r=plan.peft["r"], trainable_params=run.trainable_params,

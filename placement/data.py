@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,7 +78,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return Path(spec).suffix.lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    """A file name rather than a hub data set: it has a file extension, starts like a path, or has more folders
+    than a hub name's one `org/name` separator. A mistyped file must not be looked up on a hub."""
+    has_extension = re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", Path(spec).suffix) is not None
+    return has_extension or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
 def _csv_as_text(path: Path) -> dict:
@@ -87,6 +91,25 @@ def _csv_as_text(path: Path) -> dict:
 
     columns = pd.read_csv(path, nrows=0).columns
     return {"features": Features({name: Value("string") for name in columns})}
+
+
+def _check_utf8(path: Path, spec: str) -> None:
+    """A text file in another encoding is named as such, not as a parser's error; read in chunks, so a large file
+    costs no memory."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataError(f"data file {spec} is not UTF-8 text (byte {offset + err.start}): save it as UTF-8") from err
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file {spec} is not UTF-8 text (it ends inside a character): save it as UTF-8") from err
 
 
 def _load_file(path: Path, spec: str):
@@ -100,6 +123,8 @@ def _load_file(path: Path, spec: str):
         raise DataError(f"data file {spec} has unsupported extension '{path.suffix}': pass a .json, .jsonl, .csv or .parquet file")
     if path.stat().st_size == 0:
         raise DataError(f"data file {spec} is empty: pass a file with at least one record")
+    if builder != "parquet":
+        _check_utf8(path, spec)
     try:
         options = _csv_as_text(path) if builder == "csv" else {}
         return load_dataset(builder, data_files=str(path), split="train", **options)
@@ -133,7 +158,8 @@ def load_records(spec: str, *, seed: int = 0, n: int | None = None) -> list[dict
     elif path.is_dir() or not _looks_like_path(spec):
         dataset = _load_named(str(path) if path.is_dir() else spec)
     else:
-        raise DataError(f"data file {spec} not found: pass an existing JSON/JSONL/CSV/Parquet file or builtin:arithmetic")
+        raise DataError(f"data file {spec} not found: pass an existing JSON/JSONL/CSV/Parquet file, builtin:arithmetic "
+                        "or a hub data set name")
     if len(dataset) == 0:
         raise DataError(f"{spec} holds no records: pass data with at least one record")
     if n is not None:
@@ -351,18 +377,35 @@ def prompt_key(example: Example) -> str:
     return json.dumps(example.prompt, sort_keys=True, ensure_ascii=False)
 
 
+def held_out_sizes(distinct: int, test: int | None, validation: int | None) -> tuple[int, int]:
+    """Test and validation sizes for `distinct` prompts. What the user set is kept; what they did not is sized to the
+    data: 10% each (capped at 100 test and 64 validation), at least one each while training keeps at least one
+    example, none when it would not."""
+    def share(cap: int, left: int) -> int:
+        n = min(cap, max(1, distinct // 10))
+        return n if left - n >= 1 else 0
+
+    if test is None:
+        test = share(100, distinct - (validation or 0))
+    if validation is None:
+        validation = share(64, distinct - test)
+    return test, validation
+
+
 def split_examples(
-    examples: list[Example], *, test: int, validation: int, seed: int
+    examples: list[Example], *, test: int | None, validation: int | None, seed: int
 ) -> tuple[list[Example], list[Example], list[Example]]:
-    """(train, validation, test): disjoint, one example per distinct prompt, in a seeded order.
+    """(train, validation, test): disjoint, one example per distinct prompt, in a seeded order. A size of None is
+    sized to the data (`held_out_sizes`).
 
     Keeping one copy of each prompt means a question can never be trained on and then scored.
     """
-    if test < 0 or validation < 0:
+    if (test or 0) < 0 or (validation or 0) < 0:
         raise DataError(f"--test {test} and --validation {validation} must not be negative")
     unique: dict[str, Example] = {}
     for example in examples:
         unique.setdefault(prompt_key(example), example)
+    test, validation = held_out_sizes(len(unique), test, validation)
     if test + validation >= len(unique):
         raise DataError(
             f"--test {test} plus --validation {validation} leaves none of {len(unique)} distinct prompts "
@@ -431,14 +474,15 @@ def left_padded_prompts(tokenizer, examples: list[Example]) -> tuple[torch.LongT
 
 
 def task_splits(
-    examples: list[Example], eval_examples: list[Example] | None = None, *, test: int | None, validation: int,
-    seed: int,
+    examples: list[Example], eval_examples: list[Example] | None = None, *, test: int | None = None,
+    validation: int | None = None, seed: int = 0,
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """(train, validation, test) for a training run. Without `eval_examples` all three are held out from `examples`;
     with them, the test split is up to `test` distinct prompts of `eval_examples` (all when `test` is None), and every
-    training example asking one of those prompts is dropped, so no test question is ever trained on."""
+    training example asking one of those prompts is dropped, so no test question is ever trained on. Sizes left None
+    are sized to the data (`held_out_sizes`)."""
     if eval_examples is None:
-        return split_examples(examples, test=100 if test is None else test, validation=validation, seed=seed)
+        return split_examples(examples, test=test, validation=validation, seed=seed)
     held: dict[str, Example] = {}
     for example in eval_examples:
         held.setdefault(prompt_key(example), example)

@@ -98,11 +98,22 @@ def majority_baseline(train_examples: list, test_examples: list, kind: str) -> E
 
 
 def predictions_frame(examples: list, evaluation: Evaluation):
+    """One row per test example; without answers nothing was generated and output and prediction stay empty."""
     import pandas as pd
 
+    blank = [None] * len(examples)
     return pd.DataFrame({
-        "prompt": [e.prompt[-1]["content"] if e.prompt else "" for e in examples],
+        "prompt": [e.prompt[-1]["content"] if e.prompt else (e.text or "") for e in examples],
         "answer": [e.answer for e in examples],
-        "output": evaluation.outputs,
-        "prediction": evaluation.predictions,
+        "output": evaluation.outputs or blank,
+        "prediction": evaluation.predictions or blank,
     })
+
+
+def skipped_exact_match(examples: list) -> str | None:
+    """Why exact match is not scored on these test examples, or None when it is."""
+    if task_kind(examples) is not None:
+        return None
+    if any(e.prompt is None for e in examples):
+        return "plain-text records have no prompt to answer"
+    return "not every test record has an answer field"

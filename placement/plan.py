@@ -44,6 +44,10 @@ class Strategy:
             raise PlacementError(f"strategy {self.name} needs --k, a positive number")
         if self.name == "budget" and (self.max_params is None or self.max_params < 1):
             raise PlacementError("strategy budget needs --max-params, a positive number of trainable parameters")
+        if self.k is not None and self.name not in ("top-k", "last-k"):
+            raise PlacementError(f"--k means nothing to strategy {self.name}: drop it, or use top-k or last-k")
+        if self.max_params is not None and self.name != "budget":
+            raise PlacementError(f"--max-params means nothing to strategy {self.name}: drop it, or use budget")
 
     def label(self) -> str:
         if self.name == "given":
@@ -184,7 +188,19 @@ class Plan:
         if missing:
             raise PlacementError(f"plan {path} lacks {', '.join(missing)}: regenerate it with placement profile")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        plan = cls(**{k: v for k, v in data.items() if k in known})
+        problem = plan.problem()
+        if problem:
+            raise PlacementError(f"plan {path}: {problem}; fix it or regenerate it with placement plan")
+        return plan
+
+    def problem(self) -> str | None:
+        """What makes this plan unusable, or None: it must train exactly its targets, with arguments PEFT accepts."""
+        if not isinstance(self.targets, list) or not self.targets or not all(isinstance(t, str) for t in self.targets):
+            return "targets must be a non-empty list of site names"
+        if not isinstance(self.peft, dict):
+            return "peft must be an object of LoraConfig arguments"
+        return peft_problem(self.peft, self.targets)
 
     # -- use -------------------------------------------------------------------------------------------------
     def check(self, model) -> None:
@@ -215,6 +231,56 @@ class Plan:
     @property
     def label(self) -> str:
         return self.strategy.get("label", self.strategy.get("name", "plan"))
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _lora_fields() -> set[str]:
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    return {f.name for f in fields(LoraConfig)}
+
+
+def peft_problem(peft: dict, targets: list[str]) -> str | None:
+    """Check a plan's PEFT arguments: the adapter must land on exactly the plan's targets (no regex, short name or
+    'all-linear' that would train more), with a positive integer r, a positive finite alpha, dropout in [0, 1)."""
+    unknown = sorted(set(peft) - _lora_fields())
+    if unknown:
+        return f"peft has '{unknown[0]}', which LoraConfig does not accept"
+    modules = peft.get("target_modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        return ("peft.target_modules must list the exact module names of targets "
+                "(a regex, a short name or 'all-linear' would train other modules than the plan says)")
+    if set(modules) != set(targets) or len(modules) != len(set(modules)):
+        extra = sorted(set(modules) - set(targets)) or sorted(set(targets) - set(modules))
+        return (f"peft.target_modules and targets differ (at '{extra[0] if extra else 'a repeated name'}'): "
+                "they must name the same sites")
+    if not _positive_int(peft.get("r")):
+        return f"peft.r is {peft.get('r')!r}: it must be a positive integer"
+    if not _positive_number(peft.get("lora_alpha")):
+        return f"peft.lora_alpha is {peft.get('lora_alpha')!r}: it must be a positive finite number"
+    dropout = peft.get("lora_dropout", 0.0)
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        return f"peft.lora_dropout is {dropout!r}: it must be in [0, 1)"
+    for key, check in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
+        pattern = peft.get(key) or {}
+        if not isinstance(pattern, dict):
+            return f"peft.{key} must be an object of site: value"
+        bad = sorted(k for k, v in pattern.items() if not check(v))
+        if bad:
+            return f"peft.{key} gives '{bad[0]}' the value {pattern[bad[0]]!r}: values must be positive"
+        stray = sorted(set(pattern) - set(targets))
+        if stray:
+            return f"peft.{key} names '{stray[0]}', which is not among the targets"
+    return None
 
 
 def _rank_for(target: str, peft: dict) -> int:

@@ -9,6 +9,7 @@ no weight-sized gradient is kept, and at most one site's transient tensors exist
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -50,6 +51,9 @@ class ProbeSettings:
             raise PlacementError(f"unknown probe mode {self.mode}: choose exact or fast")
         if self.r < 1:
             raise PlacementError(f"--r {self.r} is not a rank: pass a positive integer")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise PlacementError(f"--alpha {self.alpha} is not a LoRA alpha (it scales every score): pass a positive "
+                                 "number such as 16")
         if self.mode == "fast" and self.draws < 2:
             raise PlacementError("--draws must be at least 2 in fast mode, to give page a standard error")
         if self.init_lora_weights is not True:

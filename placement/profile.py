@@ -52,7 +52,7 @@ def model_block(model, source: ModelSource, sites: list[Site]) -> dict:
     config = model.config
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     return {
-        "name": source.name, "path": source.path, "revision": source.revision, "note": source.note,
+        "name": source.name, "revision": source.revision, "note": source.note,
         "architecture": architectures[0], "model_type": getattr(config, "model_type", None),
         "num_layers": num_layers(model), "num_sites": len(sites), "fingerprint": fingerprint(sites),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -7,10 +7,13 @@ autograd records nothing below the lowest adapted layer, and logits are taken on
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,11 +27,12 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .errors import PlacementError
 from .measure import PeakMemory
-from .outputs import atomic_dir, write_csv, write_json
+from .outputs import (TMP_MARK, disk_error, file_mode, finite, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
+                      write_json, write_text)
 from .plan import Plan
 from .probe import token_loss
 
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
 
 
 class TrainError(PlacementError):
@@ -103,9 +107,10 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
           resume: bool = False, progress: bool = False, on_step=None) -> TrainResult:
     """Train a LoRA on the plan's sites. `model` is modified in place (PEFT wraps it) and returned as a PeftModel.
 
-    With `out` and `settings.save_every`, a checkpoint (adapter, optimizer, schedule, RNG, step) is written to
-    `out/checkpoint` every `save_every` steps; `resume` continues from it and ends with the same adapter as an
-    uninterrupted run. `on_step(step, loss)` is called after every step.
+    With `out` and `settings.save_every`, a checkpoint (adapter, optimizer, schedule, RNG, step, and fingerprints of
+    the plan and the data) is written under `out/checkpoints` every `save_every` steps; `resume` continues from the
+    newest complete one and ends with the same adapter as an uninterrupted run. `on_step(step, loss)` is called
+    after every step.
     """
     settings.check()
     batches = data_mod.training_batches(tokenizer, examples, steps=settings.steps, batch_size=settings.batch_size,
@@ -117,11 +122,12 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
     losses: list[float] = []
     lrs: list[float] = []
     start = 0
-    checkpoint = Path(out) / CHECKPOINT if out is not None else None
+    fingerprints = {"plan": plan_fingerprint(plan), "data": data_fingerprint(examples)}
     if resume:
-        if checkpoint is None or not (checkpoint / "state.json").is_file():
+        state = latest_checkpoint(out) if out is not None else None
+        if state is None:
             raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
-        start, losses, lrs = load_checkpoint(checkpoint, peft_model, optimizer, schedule, settings)
+        start, losses, lrs = load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
     device = next(peft_model.parameters()).device
     peft_model.train()
     seconds = []
@@ -142,8 +148,8 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
             seconds.append(time.perf_counter() - began)
             losses.append(value)
             done = step + 1
-            if checkpoint is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-                save_checkpoint(checkpoint, peft_model, optimizer, schedule, done, losses, lrs, settings)
+            if out is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+                save_checkpoint(Path(out), peft_model, optimizer, schedule, done, losses, lrs, settings, fingerprints)
             if on_step is not None:
                 on_step(done, value)
     peft_model.eval()
@@ -152,6 +158,26 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
 
 
 # -- checkpoints: safetensors for tensors, JSON for the rest, no pickle ---------------------------------------------
+# OUT/checkpoints/step-NNNNNNN/ holds one complete state; OUT/checkpoints/latest names the newest. A new state is
+# written under a temporary name, flushed to the disk and renamed into place, then the pointer is replaced, and only
+# then is the previous state deleted: a kill at any moment leaves at least one complete state that --resume finds.
+POINTER = "latest"
+
+
+def fingerprint(obj) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """What a checkpoint's adapter depends on: the sites and the PEFT arguments."""
+    return fingerprint({"targets": sorted(plan.targets), "peft": plan.peft})
+
+
+def data_fingerprint(examples: list) -> str:
+    """The training examples in their order (the batches depend on nothing else but the settings)."""
+    return fingerprint([data_mod.prompt_key(e) + "\x00" + str(e.response) for e in examples])
+
+
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors = {}
@@ -161,10 +187,32 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def save_checkpoint(folder: Path, peft_model, optimizer, schedule, step: int, losses, lrs, settings) -> None:
+def _step_dirs(folder: Path) -> list[Path]:
+    """Complete checkpoint states (a state.json is written last), oldest first."""
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint in a run folder: the pointer's, or else the newest complete state."""
+    folder = Path(out) / CHECKPOINTS
+    pointer = folder / POINTER
+    if pointer.is_file():
+        named = folder / pointer.read_text(encoding="utf-8").strip()
+        if named.name.startswith("step-") and (named / "state.json").is_file():
+            return named
+    states = _step_dirs(folder) if folder.is_dir() else []
+    return states[-1] if states else None
+
+
+def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losses, lrs, settings,
+                    fingerprints: dict) -> Path:
     from peft import get_peft_model_state_dict
 
-    with atomic_dir(folder) as tmp:
+    folder = Path(out) / CHECKPOINTS
+    older = _step_dirs(folder) if folder.is_dir() else []
+    target = folder / f"step-{step:07d}"
+    with new_dir(target) as tmp:
         adapter = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         save_file(adapter, str(tmp / "adapter.safetensors"))
         tensors, groups = _optimizer_tensors(optimizer)
@@ -172,20 +220,44 @@ def save_checkpoint(folder: Path, peft_model, optimizer, schedule, step: int, lo
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "losses": losses, "lrs": lrs, "optimizer": groups, "schedule": schedule.state_dict(),
-            "settings": asdict(settings),
+            "settings": asdict(settings), **fingerprints,
         }))
+        fsync_tree(tmp)
+    write_text(folder / POINTER, target.name + "\n")
+    for old in older:
+        if old != target:
+            remove_checkpoint(old)
+    return target
 
 
-def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings):
+def remove_checkpoint(state: Path) -> None:
+    """Delete one checkpoint state of ours, file by file, and drop it from the run's list."""
+    for item in sorted(state.rglob("*")):
+        if item.is_file():
+            item.unlink()
+            forget(item)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings, fingerprints: dict):
     from peft import set_peft_model_state_dict
 
-    state = json.loads((folder / "state.json").read_text())
+    run = folder.parent.parent
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainError(f"the checkpoint {folder} is unreadable ({type(err).__name__}): "
+                         "pass --overwrite to start afresh") from err
+    for key, what in (("plan", "another plan"), ("data", "other training data")):
+        if state.get(key) != fingerprints[key]:
+            raise TrainError(f"the checkpoint in {run} was made with {what}: resume with the plan and data it was "
+                             "made with, or pass --overwrite to start afresh")
     saved = {k: v for k, v in state["settings"].items() if k != "save_every"}
     asked = {k: v for k, v in asdict(settings).items() if k != "save_every"}
     if saved != asked:
         changed = sorted(k for k in asked if saved.get(k) != asked[k])
-        raise TrainError(f"the checkpoint in {folder.parent} was made with other settings ({', '.join(changed)}): "
-                         "resume with the same options or start afresh without --resume")
+        raise TrainError(f"the checkpoint in {run} was made with other settings ({', '.join(changed)}): "
+                         "resume with the same options or pass --overwrite to start afresh")
     set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter.safetensors")))
     flat = load_file(str(folder / "optimizer.safetensors"))
     slots: dict[int, dict] = {}
@@ -199,33 +271,61 @@ def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: Tra
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
-def save_adapter(peft_model, out: str | Path) -> None:
-    """PEFT's own files (adapter_config.json, adapter_model.safetensors), each renamed into `out` when complete."""
+def save_adapter(peft_model, out: str | Path, model_name: str | None = None) -> None:
+    """PEFT's own files (adapter_config.json, adapter_model.safetensors), each renamed into `out` when complete.
+    adapter_config.json names the base as the user gave it (`model_name`), never a cache path of this machine, and
+    lists its targets sorted, so identical runs write identical files."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out / ".adapter") as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    staged = out / ".adapter"
-    for item in staged.iterdir():
-        os.replace(item, out / item.name)
-    staged.rmdir()
+    make_dirs(out)
+    staged = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}adapter.", dir=out))
+    try:
+        peft_model.save_pretrained(str(staged), safe_serialization=True)
+        _tidy_adapter_config(staged / "adapter_config.json", model_name)
+        for item in sorted(staged.iterdir()):
+            file_mode(item)  # safetensors writes 0600; outputs are ordinary files
+            os.replace(item, out / item.name)
+            record(out / item.name)
+    except OSError as err:
+        raise disk_error(err, out) from err
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _tidy_adapter_config(path: Path, model_name: str | None) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        config["target_modules"] = sorted(targets)
+    if model_name is not None:
+        config["base_model_name_or_path"] = model_name
+    path.write_text(json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def save_merged(peft_model, tokenizer, out: str | Path) -> None:
     """The base with the adapter folded in, as an ordinary transformers model folder."""
     merged = peft_model.merge_and_unload()
-    with atomic_dir(out) as tmp:
+    with new_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
 
-def write_run(result: TrainResult, out: str | Path, metrics: dict) -> None:
-    """The adapter, metrics.json and loss.csv; the checkpoint is dropped once the run is complete."""
+def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: str | None = None) -> None:
+    """The adapter, metrics.json and loss.csv; the checkpoints are dropped once the run is complete."""
     out = Path(out)
-    save_adapter(result.model, out)
+    save_adapter(result.model, out, model_name)
     write_json(out / "metrics.json", metrics)
     write_csv(out / "loss.csv", result.curve())
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    folder = out / CHECKPOINTS
+    if folder.is_dir():
+        for state in _step_dirs(folder) + [p for p in folder.glob("step-*") if p.is_dir()]:
+            if state.exists():
+                remove_checkpoint(state)
+        pointer = folder / POINTER
+        if pointer.is_file():
+            pointer.unlink()
+            forget(pointer)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def run_metrics(result: TrainResult, plan: Plan) -> dict:

@@ -42,6 +42,9 @@ def test_report_is_self_contained_and_escaped(run_dir):
     assert "Dominant site" in page and "Training the placements" in page and "Top 20 sites" in page
     assert "<script" not in page and "<img src=x" not in page
     assert "&lt;script&gt;" in page
+    comparison = page.split("Training the placements", 1)[1]
+    assert "100.00%" in comparison and "0.0833" not in comparison  # formatted as the CLI shows it
+    assert "the untrained model" in page
     images = page.count('<img src="data:image/png;base64,')
     assert images >= 4 and "http://" not in page and "https://" not in page
     for chunk in page.split('src="data:image/png;base64,')[1:]:
@@ -68,7 +71,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = _chromium()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2400"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2400"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -81,9 +84,17 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight,"
             " i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
         assert len(sizes) >= 4
+        width = driver.execute_script("return document.documentElement.clientWidth")
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= width  # no sideways scrolling
         for complete, natural_w, natural_h, shown_w, shown_h in sizes:
             assert complete and natural_w > 0 and natural_h > 0
-            assert (round(shown_w), round(shown_h)) == (natural_w, natural_h)
+            assert shown_w <= width and shown_w <= natural_w
+            assert shown_h / shown_w == pytest.approx(natural_h / natural_w, rel=0.02)  # scaled, not cut or squeezed
+        widest = max(range(len(sizes)), key=lambda i: sizes[i][1])
+        assert sizes[widest][1] > width, "the test needs an image wider than the page"
+        shown = driver.execute_script("const i = document.images[arguments[0]]; i.click();"
+                                      " return i.getBoundingClientRect().width", widest)
+        assert round(shown) == sizes[widest][1]  # a click opens it at full size
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:

@@ -95,7 +95,7 @@ def test_resume_ends_with_the_same_adapter(tokenizer, tmp_path):
     whole, _ = adapter_after(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         adapter_after(tmp_path / "killed", stop_at=5)
-    assert (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
+    assert (tmp_path / "killed" / "checkpoints" / "step-0000003" / "state.json").is_file()
     resumed, run = adapter_after(tmp_path / "killed", resume=True)
     assert run.resumed_from == 3 and len(run.losses) == 7
     assert whole.keys() == resumed.keys()
