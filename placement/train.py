@@ -210,8 +210,9 @@ def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losse
     from peft import get_peft_model_state_dict
 
     folder = Path(out) / CHECKPOINTS
-    older = _step_dirs(folder) if folder.is_dir() else []
     target = folder / f"step-{step:07d}"
+    if target.exists():  # an incomplete state of this step, left by a kill before a resume
+        remove_checkpoint(target)
     with new_dir(target) as tmp:
         adapter = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         save_file(adapter, str(tmp / "adapter.safetensors"))
@@ -224,9 +225,8 @@ def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losse
         }))
         fsync_tree(tmp)
     write_text(folder / POINTER, target.name + "\n")
-    for old in older:
-        if old != target:
-            remove_checkpoint(old)
+    for old in sorted(p for p in folder.glob("step-*") if p.is_dir() and p != target):
+        remove_checkpoint(old)
     return target
 
 
@@ -317,9 +317,8 @@ def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: s
     write_csv(out / "loss.csv", result.curve())
     folder = out / CHECKPOINTS
     if folder.is_dir():
-        for state in _step_dirs(folder) + [p for p in folder.glob("step-*") if p.is_dir()]:
-            if state.exists():
-                remove_checkpoint(state)
+        for state in sorted(p for p in folder.glob("step-*") if p.is_dir()):
+            remove_checkpoint(state)
         pointer = folder / POINTER
         if pointer.is_file():
             pointer.unlink()

@@ -28,3 +28,14 @@ def random_batch(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = 9
 @pytest.fixture
 def batches():
     return [random_batch(seed) for seed in range(3)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama (3 layers) with a chat tokenizer, saved as a model folder the CLI can load."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -4,19 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
-
-from placement.cli import main
+from cli_helpers import assert_one_line_error, invoke
 from placement.plan import Plan
 from tiny import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +24,6 @@ def profiled(model_dir, tmp_path_factory):
                     "--batch-size", "4", "--out", out, "--quiet", "--json")
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_sites_json_lists_every_site(model_dir):

@@ -1,7 +1,6 @@
 """Loading, rendering, batching and splitting of task data, offline with the character-level tokenizer."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from placement.data import (
     split_examples,
     to_examples,
 )
+from placement.models import MANIFEST, cache_root
 from tiny import tiny_tokenizer
 
 SHARED = "/work/shared/data/llm-adapters"
@@ -303,7 +303,8 @@ def test_split_examples_disjoint_deduplicated_and_seeded():
 
 
 # -- the embedded model's real tokenizer, when it has been cached ---------------------------------------------------
-REAL = sorted(glob.glob(os.path.expanduser("~/.cache/placement/smollm2-135m*")))
+# The tool's own cache lookup ($PLACEMENT_CACHE or ~/.cache/placement); a folder is complete once its manifest is.
+REAL = sorted(str(p) for p in cache_root().glob("smollm2-135m-*") if (p / MANIFEST).is_file())
 
 
 @pytest.mark.skipif(not REAL, reason="embedded model not cached")
