@@ -227,22 +227,22 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _innermost_run(path: Path) -> "RunFolder | None":
+    return next((run for run in reversed(_ACTIVE) if _inside(path, run.root)), None)
+
+
 def record(path: str | Path) -> None:
     """Note a file just written in the innermost open run folder that contains it (no-op outside runs)."""
-    path = Path(path)
-    for run in reversed(_ACTIVE):
-        if _inside(path, run.root):
-            run.add(path)
-            return
+    run = _innermost_run(Path(path))
+    if run is not None:
+        run.add(Path(path))
 
 
 def forget(path: str | Path) -> None:
     """Drop a file this run deleted (an old checkpoint) from the open run folder's list."""
-    path = Path(path)
-    for run in reversed(_ACTIVE):
-        if _inside(path, run.root):
-            run.remove(path)
-            return
+    run = _innermost_run(Path(path))
+    if run is not None:
+        run.remove(Path(path))
 
 
 def add_to_run(folder: str | Path, name: str) -> None:
@@ -301,12 +301,12 @@ class RunFolder:
     def fail(self, err: BaseException, keep: tuple[str, ...]) -> None:
         """A user-caused failure: remove what this process wrote, except files under `keep` (the training state
         worth resuming); a fresh run that leaves nothing behind removes its record and its folder too."""
-        for name in list(self.written):
-            if not name.startswith(keep):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.root / name).unlink()
-                self.written.remove(name)
-        _prune_empty(self.root)
+        removed = [name for name in self.written if not name.startswith(keep)]
+        for name in removed:
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
+            self.written.remove(name)
+        _prune_empty(self.root, removed)
         if not self.previous and not self.written:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / RUN_FILE).unlink()
@@ -322,8 +322,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _prune_empty(root: Path) -> None:
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+def _prune_empty(root: Path, names: list[str]) -> None:
+    """Remove the folders that deleting `names` left empty, up to `root` (never other empty folders)."""
+    folders = {parent for name in names for parent in (root / name).parents if _inside(parent, root) and parent != root}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):
             folder.rmdir()
 
@@ -344,7 +346,7 @@ def delete_listed(root: Path, names: list[str]) -> None:
         path = root / name
         if name != RUN_FILE and (path.is_file() or path.is_symlink()) and _inside(path.parent, root):
             path.unlink()
-    _prune_empty(root)
+    _prune_empty(root, names)
 
 
 @contextlib.contextmanager

@@ -231,8 +231,9 @@ def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losse
 
 
 def remove_checkpoint(state: Path) -> None:
-    """Delete one checkpoint state of ours, file by file, and drop it from the run's list."""
-    for item in sorted(state.rglob("*")):
+    """Delete one checkpoint state of ours, file by file, and drop it from the run's list. state.json goes first, so
+    a state a kill interrupts here is never taken for a complete one."""
+    for item in sorted(state.rglob("*"), key=lambda p: p.name != "state.json"):
         if item.is_file():
             item.unlink()
             forget(item)
@@ -258,15 +259,21 @@ def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: Tra
         changed = sorted(k for k in asked if saved.get(k) != asked[k])
         raise TrainError(f"the checkpoint in {run} was made with other settings ({', '.join(changed)}): "
                          "resume with the same options or pass --overwrite to start afresh")
-    set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter.safetensors")))
-    flat = load_file(str(folder / "optimizer.safetensors"))
+    try:
+        adapter = load_file(str(folder / "adapter.safetensors"))
+        flat = load_file(str(folder / "optimizer.safetensors"))
+        rng = load_file(str(folder / "rng.safetensors"))["cpu"]
+    except Exception as err:  # a damaged file surfaces as the reader's own error type
+        raise TrainError(f"the checkpoint {folder} is damaged ({type(err).__name__}): pass --overwrite to start "
+                         "afresh") from err
+    set_peft_model_state_dict(peft_model, adapter)
     slots: dict[int, dict] = {}
     for key, value in flat.items():
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
     schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    torch.set_rng_state(rng)
     return state["step"], list(state["losses"]), list(state["lrs"])
 
 
@@ -280,7 +287,10 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None) -> 
     staged = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}adapter.", dir=out))
     try:
         peft_model.save_pretrained(str(staged), safe_serialization=True)
-        _tidy_adapter_config(staged / "adapter_config.json", model_name)
+        local = _tidy_adapter_config(staged / "adapter_config.json", model_name)
+        card = staged / "README.md"
+        if local and model_name is not None and card.is_file():  # PEFT's model card names the base too
+            card.write_text(card.read_text(encoding="utf-8").replace(local, model_name), encoding="utf-8")
         for item in sorted(staged.iterdir()):
             file_mode(item)  # safetensors writes 0600; outputs are ordinary files
             os.replace(item, out / item.name)
@@ -291,14 +301,17 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None) -> 
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _tidy_adapter_config(path: Path, model_name: str | None) -> None:
+def _tidy_adapter_config(path: Path, model_name: str | None) -> str | None:
+    """Sort the targets and name the base as given; returns the base path PEFT had written."""
     config = json.loads(path.read_text(encoding="utf-8"))
+    local = config.get("base_model_name_or_path")
     targets = config.get("target_modules")
     if isinstance(targets, list):
         config["target_modules"] = sorted(targets)
     if model_name is not None:
         config["base_model_name_or_path"] = model_name
     path.write_text(json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    return local
 
 
 def save_merged(peft_model, tokenizer, out: str | Path) -> None:

@@ -4,12 +4,11 @@ import json
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from peft import PeftModel
 
 from placement import data as data_mod
 from placement import evaluate as ev
-from placement.cli import main
+from cli_helpers import invoke
 from placement.compare import TABLE_COLUMNS, Arm, CompareSettings, parse_arms, run_compare
 from placement.errors import PlacementError
 from placement.plan import Strategy
@@ -124,16 +123,7 @@ def test_generation_stops_at_end_of_turn():
     assert outputs == ["", "", ""] or all(len(o) < 8 for o in outputs)
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+cli = invoke  # the command line, in-process
 
 
 @pytest.fixture(scope="module")

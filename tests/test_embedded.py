@@ -76,3 +76,7 @@ def test_demo_command_end_to_end(tmp_path):
     for name in ("report.html", "comparison.csv", "curves.png", "profile/heatmap.png", "profile/top4.json",
                  "arms/dominant/adapter_model.safetensors", "run.json"):
         assert (out / name).is_file(), name
+    cache = str(models.cache_root())
+    for path in out.rglob("*"):  # no output names a path of this machine (the cache): the alias stands for it
+        if path.suffix in (".json", ".md", ".csv", ".html"):
+            assert cache not in path.read_text(encoding="utf-8"), path

@@ -92,6 +92,7 @@ def test_rerun_refuses_then_overwrite_replaces_only_the_listed_files(model_dir, 
     assert set(record["files"]) == set(tree(out)) - {"run.json"}
     extra = invoke("plan", out, "--strategy", "top-k", "--k", "2", "--out", out / "top2.json")
     assert extra.exit_code == 0, extra.output
+    (out / "my-empty-folder").mkdir()
 
     refused = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
     assert_one_line_error(refused, "earlier run", "--overwrite")
@@ -100,7 +101,7 @@ def test_rerun_refuses_then_overwrite_replaces_only_the_listed_files(model_dir, 
     again = invoke("profile", "--model", model_dir, *PROFILE, "--bootstrap", "0", "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert not (out / "convergence.png").exists() and not (out / "convergence.csv").exists()
-    assert (out / "top2.json").is_file()  # another command's file is left alone
+    assert (out / "top2.json").is_file() and (out / "my-empty-folder").is_dir()  # others' things are left alone
     report = invoke("report", out)
     assert report.exit_code == 0, report.output
     page = (out / "report.html").read_text()
@@ -156,6 +157,12 @@ def test_checkpoint_replacement_keeps_a_complete_state_at_every_moment(tmp_path,
     (tmp_path / "checkpoints" / "latest").write_text("step-0000009\n")
     (tmp_path / "checkpoints" / "step-0000004" / "state.json").unlink()
     assert latest_checkpoint(tmp_path).name == "step-0000002"
+    weights = tmp_path / "checkpoints" / "step-0000002" / "adapter.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:50])
+    with pytest.raises(PlacementError, match="damaged"):
+        train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
+    weights.write_bytes(intact)
     run = train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
     assert run.resumed_from == 2 and len(run.losses) == 6
 
