@@ -239,7 +239,7 @@ def record(path: str | Path) -> None:
 
 
 def forget(path: str | Path) -> None:
-    """Drop a file this run deleted (an old checkpoint) from the open run folder's list."""
+    """Drop a file this run deleted (an old checkpoint), or everything under a folder, from the open run's list."""
     run = _innermost_run(Path(path))
     if run is not None:
         run.remove(Path(path))
@@ -258,9 +258,10 @@ def add_to_run(folder: str | Path, name: str) -> None:
 class RunFolder:
     """A folder one command run owns; open it with `run_folder`."""
 
-    def __init__(self, root: Path, record: dict, previous: list[str], created: bool):
+    def __init__(self, root: Path, record: dict, previous: list[str], created: bool, original: dict | None = None):
         self.root = root
         self.record = record
+        self.original = original  # the record of the run this one continues, restored if this one fails at once
         self.previous = previous  # files an earlier run listed that this one continues (resume)
         self.created = created
         self.written: list[str] = []  # files this process wrote
@@ -289,9 +290,11 @@ class RunFolder:
             self._save()
 
     def remove(self, path: Path) -> None:
+        """Drop a file, or everything listed under a folder, from the list."""
         name = self.relative(path)
-        self.written = [n for n in self.written if n != name]
-        self.previous = [n for n in self.previous if n != name]
+        gone = lambda n: n == name or n.startswith(name + "/")  # noqa: E731
+        self.written = [n for n in self.written if not gone(n)]
+        self.previous = [n for n in self.previous if not gone(n)]
         self._save()
 
     def finish(self) -> None:
@@ -313,6 +316,10 @@ class RunFolder:
             if self.created:
                 with contextlib.suppress(OSError):
                     self.root.rmdir()
+            return
+        if self.original is not None and not self.written:  # a refused resume leaves the earlier run as it was
+            self.record = self.original
+            self._save()
             return
         self.record.update(status="failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
         self._save()
@@ -388,7 +395,7 @@ def run_folder(out: str | Path, *, overwrite: bool = False, resume: bool = False
     clean_temporaries(root)
     record_ = {"tool": TOOL, "status": "running", "command": command_line(argv), "versions": versions(),
                "started": _now(), "files": []}
-    run = RunFolder(root, record_, continued, created)
+    run = RunFolder(root, record_, continued, created, original=previous if resume else None)
     try:
         run._save()
     except PlacementError:

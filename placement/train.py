@@ -238,6 +238,7 @@ def remove_checkpoint(state: Path) -> None:
             item.unlink()
             forget(item)
     shutil.rmtree(state, ignore_errors=True)
+    forget(state)  # also what a killed run listed and had already deleted
 
 
 def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings, fingerprints: dict):

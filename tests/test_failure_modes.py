@@ -217,6 +217,10 @@ def test_a_killed_training_run_resumes_and_is_never_silently_discarded(profile_d
     step = int(latest_checkpoint(out).name.split("-")[1])
     cut = [a for a in _train_args(profile_dir, model_dir, out)]
     cut[cut.index("--steps") + 1] = "1000"
+    killed = (out / "run.json").read_bytes()
+    other = invoke(*cut, "--resume", "--lr", "0.5")
+    assert_one_line_error(other, "other settings", "lr")
+    assert (out / "run.json").read_bytes() == killed  # a refused resume leaves the killed run's record as it was
     resumed = invoke(*cut, "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     metrics = json.loads(resumed.output)
