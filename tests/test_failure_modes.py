@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cli_helpers import assert_one_line_error, invoke
-from placement import models, outputs, train as train_mod
+from placement import models, outputs
+from placement.train import trainer as train_mod
 from placement.errors import PlacementError
 from placement.plan import Plan, Strategy
 from placement.train import TrainSettings, latest_checkpoint, train

@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from .errors import PlacementError
-from .measure import PeakMemory
-from .outputs import (TMP_MARK, disk_error, file_mode, finite, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
+from .. import data as data_mod
+from ..errors import PlacementError
+from ..measure import PeakMemory
+from ..model.loss import token_loss
+from ..outputs import (TMP_MARK, disk_error, file_mode, finite, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
                       write_json, write_text)
-from .plan import Plan
-from .probe import token_loss
+from ..plan.plan import Plan
 
 CHECKPOINTS = "checkpoints"
 

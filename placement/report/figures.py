@@ -1,4 +1,7 @@
-"""Figures and tables a person would rather look at than read."""
+"""Figures a person would rather look at than read: heatmaps, curves, agreement matrices.
+
+This module imports no stage of the flow (only the ground module `outputs`), so every stage may draw with it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +15,22 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .outputs import atomic_path, write_csv, write_json, write_text  # noqa: E402
-from .compare import Comparison  # noqa: E402
-from .ranking import margins, share_grid  # noqa: E402
-from .sites import ROLES  # noqa: E402
+from ..outputs import atomic_path  # noqa: E402
+
+# The canonical order of roles down a heatmap (the model stage's ROLES); figures import no stage, so any may draw.
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "router")
+
+
+def margins(ranked: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Summed shares per role and per layer: the heatmap's margins."""
+    return ranked.groupby("role")["share"].sum().sort_values(ascending=False), ranked.groupby("layer")["share"].sum()
+
+
+def share_grid(ranked: pd.DataFrame, roles: tuple[str, ...]) -> pd.DataFrame:
+    """Share per (role, layer): rows are the roles present, in canonical order; columns are layers."""
+    grid = ranked.pivot_table(index="role", columns="layer", values="share", aggfunc="sum")
+    present = [r for r in roles if r in grid.index] + [r for r in grid.index if r not in roles]
+    return grid.reindex(present)
 
 
 def _save(fig, path) -> None:
@@ -143,17 +158,6 @@ def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> No
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, frameon=False, loc="best")
     ax.set_title("quality against cost", fontsize=10)
-
-
-def write_comparison(comparison: Comparison, out, title: str = "") -> list:
-    """comparison.csv, comparison.md, comparison.json and curves.png, each written atomically."""
-    out = Path(out)
-    write_csv(out / "comparison.csv", comparison.table)
-    write_text(out / "comparison.md", (f"# {title}\n\n" if title else "") + comparison.markdown() + "\n")
-    write_json(out / "comparison.json", ({"kind": comparison.kind, "rows": comparison.table.to_dict("records"),
-                                                  "curves": comparison.curves}))
-    loss_curves(comparison.curves, comparison.table, out / "curves.png", title=title)
-    return [out / n for n in ("comparison.csv", "comparison.md", "comparison.json", "curves.png")]
 
 
 def convergence_plot(curve: pd.DataFrame, stability: dict, path, title: str = "") -> None:

@@ -1,121 +1,24 @@
 """The placement plan: which sites get a LoRA, why, and the ready PEFT arguments, as versioned JSON.
 
-Every comparison arm is a plan: the strategies pick sites from a probe's ranking (`dominant`, `top-k`, `budget`)
-or by structure alone (`all-linear`, `attn-qv`, `ffn`, `last-k`, `random-1`).
+Every comparison arm is a plan; `strategies.py` says how each one picks its sites.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .errors import PlacementError
-from .outputs import finite, write_json
-from .sites import ROLES, find_sites, fingerprint
+from .. import __version__
+from ..errors import PlacementError
+from ..families.lora import lora_config, lora_params
+from ..model.sites import find_sites, fingerprint
+from ..outputs import finite, write_json
+from .strategies import Strategy, select
 
 SCHEMA = "placement-plan/1"
-STRATEGIES = ("dominant", "top-k", "budget", "all-linear", "attn-qv", "ffn", "last-k", "random-1")
-ATTN_QV = {"q", "v", "qkv"}
-FFN = {"gate", "up", "down", "gate_up"}
 REQUIRED = ("schema", "model", "probe", "sites", "strategy", "targets", "peft")
-
-
-@dataclass
-class Strategy:
-    name: str = "dominant"
-    k: int | None = None  # top-k and last-k
-    max_params: int | None = None  # budget
-    seed: int = 0  # random-1
-    targets: list[str] | None = None  # given: sites chosen elsewhere, e.g. by a data-free selector
-    source: str | None = None  # given: what chose them, used as the label
-
-    def check(self) -> None:
-        if self.name == "given":
-            if not self.targets:
-                raise PlacementError("strategy given needs a non-empty list of target sites")
-            return
-        if self.name not in STRATEGIES:
-            raise PlacementError(f"unknown strategy {self.name}: choose one of {', '.join(STRATEGIES)}")
-        if self.name in ("top-k", "last-k") and (self.k is None or self.k < 1):
-            raise PlacementError(f"strategy {self.name} needs --k, a positive number")
-        if self.name == "budget" and (self.max_params is None or self.max_params < 1):
-            raise PlacementError("strategy budget needs --max-params, a positive number of trainable parameters")
-        if self.k is not None and self.name not in ("top-k", "last-k"):
-            raise PlacementError(f"--k means nothing to strategy {self.name}: drop it, or use top-k or last-k")
-        if self.max_params is not None and self.name != "budget":
-            raise PlacementError(f"--max-params means nothing to strategy {self.name}: drop it, or use budget")
-
-    def label(self) -> str:
-        if self.name == "given":
-            return self.source or "given"
-        if self.name in ("top-k", "last-k"):
-            return self.name.replace("k", str(self.k))
-        return self.name
-
-
-def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:
-    """The target module names a strategy picks from ranked site rows (dicts with site, layer, role, d_in, d_out,
-    score, rank), returned in model order (by layer, then role in `ROLES` order, whatever order the rows come in)
-    so configs and adapters read naturally."""
-    strategy.check()
-    by_rank = sorted(sites, key=lambda s: s["rank"])
-    name = strategy.name
-    if name == "dominant":
-        chosen = by_rank[:1]
-    elif name == "top-k":
-        chosen = by_rank[: strategy.k]
-    elif name == "budget":
-        chosen = _budget(by_rank, strategy.max_params, r)
-    elif name == "all-linear":
-        chosen = sites
-    elif name == "attn-qv":
-        chosen = [s for s in sites if s["role"] in ATTN_QV]
-    elif name == "ffn":
-        chosen = [s for s in sites if s["role"] in FFN]
-    elif name == "given":
-        known = {s["site"] for s in sites}
-        unknown = [t for t in strategy.targets if t not in known]
-        if unknown:
-            raise PlacementError(f"site {unknown[0]} is not a candidate site of this model: pick from placement sites")
-        chosen = [s for s in sites if s["site"] in set(strategy.targets)]
-    elif name == "last-k":
-        layers = sorted({s["layer"] for s in sites})[-strategy.k:]
-        chosen = [s for s in sites if s["layer"] in layers]
-    else:  # random-1, the control: one site drawn without looking at scores
-        chosen = [random.Random(strategy.seed).choice(sorted(sites, key=lambda s: s["site"]))]
-    if not chosen:
-        raise PlacementError(f"strategy {strategy.label()} selects no site in this model: choose another strategy")
-    picked = {s["site"] for s in chosen}
-    return [s["site"] for s in sorted(sites, key=_model_order) if s["site"] in picked]
-
-
-def lora_params(site: dict, r: int) -> int:
-    """Trainable parameters of a rank-r LoRA on a site row: A is r x d_in, B is d_out x r."""
-    return r * (site["d_in"] + site["d_out"])
-
-
-def _model_order(site: dict) -> tuple[int, int]:
-    """Rows arrive sorted by rank; layer and role restore the order of the model (the sort is stable for ties)."""
-    return int(site["layer"]), ROLES.index(site["role"]) if site["role"] in ROLES else len(ROLES)
-
-
-def _budget(by_rank: list[dict], max_params: int, r: int) -> list[dict]:
-    """Greedy by score per trainable parameter, skipping sites that no longer fit."""
-    cost = lambda s: lora_params(s, r)  # noqa: E731
-    order = sorted(by_rank, key=lambda s: s["score"] / cost(s), reverse=True)
-    chosen, spent = [], 0
-    for s in order:
-        if spent + cost(s) <= max_params:
-            chosen.append(s)
-            spent += cost(s)
-    if not chosen:
-        smallest = min(cost(s) for s in by_rank)
-        raise PlacementError(f"--max-params {max_params} fits no site: the smallest LoRA here has {smallest} parameters")
-    return chosen
 
 
 @dataclass
@@ -224,9 +127,7 @@ class Plan:
         return sum(lora_params(s, self.peft["r"]) for s in self.sites)
 
     def lora_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(**self.peft)
+        return lora_config(self.peft)
 
     @property
     def label(self) -> str:

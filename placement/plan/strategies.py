@@ -1,0 +1,257 @@
+"""Every way the tool picks sites, in one registry: the CLI's `--strategy` choices, the comparison arms, their
+grammar and their help text all come from it.
+
+A strategy picks from a probe's ranking (`dominant`, `top-k`, `budget`), by structure alone (`all-linear`,
+`attn-qv`, `ffn`, `last-k`, `random-1`), or from the base weights without data (`kappa`, `snr`, see
+`selectors.py`). An arm of a comparison is a strategy written in one grammar,
+`NAME[-N|-P%][:rN|:rfN|:lenN][+VARIANT]` (top-4, kappa-8, dominant:r64), parsed in `parse_arm` and nowhere else.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PlacementError
+from ..families.lora import lora_params
+from ..model.sites import ROLES, find_sites, num_layers
+from . import selectors
+
+ATTN_QV = {"q", "v", "qkv"}
+FFN = {"gate", "up", "down", "gate_up"}
+
+
+@dataclass
+class Strategy:
+    """A choice of sites as a plan records it (`name` is a registry key, or `given` for sites chosen elsewhere)."""
+
+    name: str = "dominant"
+    k: int | None = None  # top-k and last-k
+    max_params: int | None = None  # budget
+    seed: int = 0  # random-1
+    targets: list[str] | None = None  # given: sites chosen elsewhere, e.g. by a data-free selector
+    source: str | None = None  # given: what chose them, used as the label
+
+    def check(self) -> None:
+        if self.name == "given":
+            if not self.targets:
+                raise PlacementError("strategy given needs a non-empty list of target sites")
+            return
+        kind = REGISTRY.get(self.name)
+        if kind is None or not kind.planned:
+            raise PlacementError(f"unknown strategy {self.name}: choose one of {', '.join(STRATEGIES)}")
+        if kind.option == "k" and (self.k is None or self.k < 1):
+            raise PlacementError(f"strategy {self.name} needs --k, a positive number")
+        if kind.option == "max_params" and (self.max_params is None or self.max_params < 1):
+            raise PlacementError("strategy budget needs --max-params, a positive number of trainable parameters")
+        if self.k is not None and kind.option != "k":
+            raise PlacementError(f"--k means nothing to strategy {self.name}: drop it, or use top-k or last-k")
+        if self.max_params is not None and kind.option != "max_params":
+            raise PlacementError(f"--max-params means nothing to strategy {self.name}: drop it, or use budget")
+
+    def label(self) -> str:
+        if self.name == "given":
+            return self.source or "given"
+        if REGISTRY[self.name].option == "k":
+            return f"{REGISTRY[self.name].arm}-{self.k}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One registered strategy. `pick(rows, strategy, r)` takes ranked site rows; a data-free `from_weights(model,
+    sites, k)` looks at the model instead. `option` is the CLI option it reads (k, max_params); `arm` its name in
+    the arm grammar, `count` whether an arm takes -N (required, optional or not at all)."""
+
+    name: str
+    help: str
+    pick: Callable | None = None
+    from_weights: Callable | None = None
+    option: str | None = None
+    arm: str | None = None
+    count: str = "none"
+    planned: bool = True  # offered by `placement plan --strategy`
+
+
+REGISTRY: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    REGISTRY[kind.name] = kind
+    return kind
+
+
+def _budget(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    """Greedy by score per trainable parameter, skipping sites that no longer fit."""
+    cost = lambda s: lora_params(s, r)  # noqa: E731
+    order = sorted(rows, key=lambda s: s["score"] / cost(s), reverse=True)
+    chosen, spent = [], 0
+    for s in order:
+        if spent + cost(s) <= strategy.max_params:
+            chosen.append(s)
+            spent += cost(s)
+    if not chosen:
+        smallest = min(cost(s) for s in rows)
+        raise PlacementError(f"--max-params {strategy.max_params} fits no site: the smallest LoRA here has "
+                             f"{smallest} parameters")
+    return chosen
+
+
+def _last_layers(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    layers = sorted({s["layer"] for s in rows})[-strategy.k:]
+    return [s for s in rows if s["layer"] in layers]
+
+
+def _given(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    known = {s["site"] for s in rows}
+    unknown = [t for t in strategy.targets if t not in known]
+    if unknown:
+        raise PlacementError(f"site {unknown[0]} is not a candidate site of this model: pick from placement sites")
+    return [s for s in rows if s["site"] in set(strategy.targets)]
+
+
+def _by_role(roles: set[str]) -> Callable:
+    return lambda rows, strategy, r: [s for s in rows if s["role"] in roles]
+
+
+def _random_one(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    return [random.Random(strategy.seed).choice(sorted(rows, key=lambda s: s["site"]))]
+
+
+def _by_rank(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda s: s["rank"])
+
+
+register(Kind("dominant", "the top site of the ranking", lambda rows, st, r: _by_rank(rows)[:1], arm="dominant"))
+register(Kind("top-k", "the N top sites of the ranking", lambda rows, st, r: _by_rank(rows)[: st.k], option="k",
+              arm="top", count="required"))
+register(Kind("budget", "greedy by score per trainable parameter within --max-params", _budget,
+              option="max_params"))
+register(Kind("all-linear", "every candidate site (LoRA's full coverage)", lambda rows, st, r: rows,
+              arm="all-linear"))
+register(Kind("attn-qv", "the query and value projections", _by_role(ATTN_QV), arm="attn-qv"))
+register(Kind("ffn", "every feed-forward projection", _by_role(FFN), arm="ffn"))
+register(Kind("last-k", "every site of the last N layers", _last_layers, option="k", arm="last", count="required"))
+register(Kind("random-1", "one site drawn without looking at scores (the control)", _random_one, arm="random-1"))
+register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, no data",
+              from_weights=selectors.kappa_targets, arm="kappa", count="optional", planned=False))
+register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",
+              from_weights=selectors.snr_targets, arm="snr", count="optional", planned=False))
+register(Kind("given", "sites chosen elsewhere", _given, planned=False))
+
+STRATEGIES = tuple(name for name, kind in REGISTRY.items() if kind.planned)
+
+
+def strategy_help() -> str:
+    return "; ".join(f"{name}: {REGISTRY[name].help}" for name in STRATEGIES)
+
+
+def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:
+    """The target module names a strategy picks from ranked site rows (dicts with site, layer, role, d_in, d_out,
+    score, rank), returned in model order (by layer, then role in `ROLES` order, whatever order the rows come in)
+    so configs and adapters read naturally."""
+    strategy.check()
+    chosen = REGISTRY[strategy.name].pick(sites, strategy, r)
+    if not chosen:
+        raise PlacementError(f"strategy {strategy.label()} selects no site in this model: choose another strategy")
+    picked = {s["site"] for s in chosen}
+    return [s["site"] for s in sorted(sites, key=_model_order) if s["site"] in picked]
+
+
+def _model_order(site: dict) -> tuple[int, int]:
+    """Rows arrive sorted by rank; layer and role restore the order of the model (the sort is stable for ties)."""
+    return int(site["layer"]), ROLES.index(site["role"]) if site["role"] in ROLES else len(ROLES)
+
+
+# -- arms: the grammar NAME[-N|-P%][:rN|:rfN|:lenN][+VARIANT] --------------------------------------------------
+@dataclass(frozen=True)
+class Arm:
+    label: str  # as the user wrote it
+    strategy: str  # a registry key
+    k: int | None = None
+    r: int | None = None
+
+
+_ARMS = {kind.arm: kind for kind in REGISTRY.values() if kind.arm}
+_FORM = re.compile(r"^(?P<base>[a-z][a-z0-9-]*?)(?:-(?P<n>\d+)(?P<percent>%)?)?(?P<mods>(?::[a-z]+\d+)*)"
+                   r"(?:\+(?P<variant>[a-z]+))?$")
+_MODIFIERS = {"r": "a rank, e.g. dominant:r64", "rf": "a bottleneck reduction factor (bottleneck families)",
+              "len": "a number of virtual tokens (prompt families)"}
+
+
+def arm_help() -> str:
+    forms = []
+    for kind in _ARMS.values():
+        forms.append({"required": f"{kind.arm}-N", "optional": f"{kind.arm}[-N]"}.get(kind.count, kind.arm))
+    return ", ".join(forms) + "; ':rN' gives an arm its own rank, e.g. dominant:r64"
+
+
+def parse_arm(label: str) -> Arm:
+    """One arm of the grammar, checked whole: an unknown name, a count it does not take, a modifier of another
+    family or a variant is one clear line, before anything is computed."""
+    match = _FORM.match(label)
+    base = match and (match["base"] + (f"-{match['n']}" if match["n"] and not match["percent"] else ""))
+    if match and base in _ARMS and _ARMS[base].count == "none":  # names that end in a number, like random-1
+        kind, n = _ARMS[base], None
+    elif match and match["base"] in _ARMS:
+        kind, n = _ARMS[match["base"]], int(match["n"]) if match["n"] else None
+    else:
+        raise PlacementError(f"unknown arm '{label}': choose from {arm_help()}")
+    if match["percent"]:
+        raise PlacementError(f"arm '{label}': {kind.arm} takes no percentage; give a count or none")
+    if kind.count == "required" and n is None:
+        raise PlacementError(f"arm '{label}' needs a count: write {kind.arm}-N, e.g. {kind.arm}-4")
+    if kind.count == "none" and n is not None and base not in _ARMS:
+        raise PlacementError(f"arm '{label}': {kind.arm} takes no count")
+    if n is not None and n < 1:
+        raise PlacementError(f"arm '{label}' selects nothing: N must be at least 1")
+    if match["variant"]:
+        raise PlacementError(f"arm '{label}': LoRA variants (+{match['variant']}) are not trained by this version; "
+                             "drop the +VARIANT")
+    r = None
+    for key, value in re.findall(r":([a-z]+)(\d+)", match["mods"]):
+        if key not in _MODIFIERS:
+            raise PlacementError(f"arm '{label}': unknown modifier :{key}; LoRA arms take :rN, {_MODIFIERS['r']}")
+        if key != "r":
+            raise PlacementError(f"arm '{label}': :{key} is {_MODIFIERS[key]}; LoRA arms take :rN")
+        r = int(value)
+        if r < 1:
+            raise PlacementError(f"arm '{label}' has rank 0: give a positive rank such as :r16")
+    return Arm(label, kind.name, n, r)
+
+
+def parse_arms(spec: str) -> list[Arm]:
+    labels = [a.strip() for a in spec.split(",") if a.strip()]
+    if not labels:
+        raise PlacementError(f"--arms '{spec}' names no arm: pass a comma-separated list of {arm_help()}")
+    if len(set(labels)) < len(labels):
+        raise PlacementError(f"--arms '{spec}' names an arm twice: list each arm once")
+    return [parse_arm(label) for label in labels]
+
+
+def check_arms(arms: list[Arm], model) -> None:
+    """Refuse an arm this model cannot give (more sites or layers than it has) before anything is computed."""
+    sites = len(find_sites(model))
+    layers = num_layers(model)
+    for arm in arms:
+        if arm.k is None:
+            continue
+        limit, what = (layers, "layers") if arm.strategy == "last-k" else (sites, "candidate sites")
+        if arm.k > limit:
+            raise PlacementError(f"arm '{arm.label}' asks for {arm.k} {what}, but this model has {limit}: "
+                                 f"pass N of at most {limit}")
+
+
+def selector_k(arms: list[Arm]) -> int:
+    """kappa and snr without a count take as many sites as the first top-N arm (4 when there is none)."""
+    return next((a.k for a in arms if a.strategy == "top-k"), 4)
+
+
+def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0) -> Strategy:
+    """The strategy an arm stands for; data-free selectors pick their sites from the model's weights here."""
+    kind = REGISTRY[arm.strategy]
+    if kind.from_weights is not None:
+        targets = kind.from_weights(model, find_sites(model), arm.k or default_k)
+        return Strategy("given", targets=targets, source=arm.label)
+    return Strategy(arm.strategy, k=arm.k, seed=seed)

@@ -1,0 +1,116 @@
+"""Input sharing: sites that read one tensor (q, k and v; gate and up) project it once, and exact mode keeps only
+what their gradients will need of it (x itself, or its token Grams where those are smaller)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.sites import Site
+from . import scores
+
+
+class Input:
+    """One tensor read by one or more sites in a forward pass (q, k and v read the same one; gate and up too).
+
+    Its projections x A^T are made once per distinct panel of A and shared. In exact mode it keeps, until the last
+    of its readers has taken its gradient, either x itself or, where they are smaller and the cheaper route, the
+    token Grams of x, which are all the exact energies need of it.
+    """
+
+    __slots__ = ("source", "leader", "sites", "pending", "panels", "projections", "rows", "grams")
+
+    def __init__(self, source: torch.Tensor, leader: int, group: "PanelGroup | None"):
+        self.source: torch.Tensor | None = source.detach()
+        self.leader = leader  # index of the first site that read it
+        self.sites: list[Site] = []
+        self.pending = 0
+        self.panels: dict[int, torch.Tensor] = {}  # id -> panel, in the order first used
+        self.projections: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None
+        self.grams: scores.Grams | None = None
+        if group is not None:  # every panel its readers used last batch, in one GEMM rather than a narrow one each
+            projected = scores.project_inputs(self.source, group.matrix)
+            self.projections = {key: projected[..., cut] for key, cut in group.cuts.items()}
+
+    def project(self, panels: tuple) -> torch.Tensor:
+        parts = []
+        for panel in panels:
+            self.panels.setdefault(id(panel), panel)
+            if id(panel) not in self.projections:
+                self.projections[id(panel)] = scores.project_inputs(self.source, panel)
+            parts.append(self.projections[id(panel)])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def group(self) -> "PanelGroup | None":
+        if len(self.panels) < 2:
+            return None
+        cuts, start = {}, 0
+        for key, panel in self.panels.items():
+            cuts[key] = slice(start, start + panel.shape[0])
+            start += panel.shape[0]
+        return PanelGroup(torch.cat(list(self.panels.values())), cuts)
+
+    def settle(self, layout: scores.Layout | None) -> None:
+        """No later site reads this input: keep only what the readers' gradients will need (nothing in fast
+        mode, `layout` None; in exact mode x or its Grams)."""
+        self.projections = {}
+        if layout is not None and self.source is not None and \
+                scores.keep_grams(layout, self.source.shape[-1], [s.d_out for s in self.sites]):
+            self.grams = scores.token_grams(layout.take(self.source), layout, full=True)
+        if layout is None or self.grams is not None:
+            self.source = None
+
+    def taken(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.source = self.rows = self.grams = None
+
+
+@dataclass
+class PanelGroup:
+    """The panels of A that the sites reading one input use, stacked: a batch's readers are the same every batch."""
+
+    matrix: torch.Tensor
+    cuts: dict
+
+
+class InputTracker:
+    """Which input the site now firing reads: sites that share an input run one after another, so the previous
+    site's record is the only one to compare with. Learns each input's panels of A for the next batch."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.layout: scores.Layout | None = None  # the batch's token layout
+        self.last: Input | None = None
+        self.groups: dict[int, PanelGroup | None] = {}  # leader site index -> its input's panels
+
+    def reader(self, source: torch.Tensor, index: int) -> Input:
+        """The record of this input: the previous site's when it read the very same tensor, else a new one. Fast
+        mode lets go of x once no later site can share it."""
+        last = self.last
+        if last is not None and last.source is not None and last.source.data_ptr() == source.data_ptr() \
+                and last.source.shape == source.shape and last.source.stride() == source.stride():
+            return last
+        if last is not None:
+            self.retire(last)
+        self.last = Input(source, index, self.groups.get(index))
+        return self.last
+
+    def retire(self, record: Input) -> None:
+        """No later site reads this input: learn its readers' panels for the next batch, keep what they need."""
+        if record.leader not in self.groups:
+            self.groups[record.leader] = record.group()
+        if record.source is not None:
+            record.settle(self.layout_of(record.source) if self.mode == "exact" else None)
+
+    def layout_of(self, y: torch.Tensor) -> scores.Layout:
+        """The batch's layout for a site's (B, T, d) tensor, or one flat example for tokens laid out otherwise."""
+        if self.layout.fits(y):
+            return self.layout
+        return scores.flat_layout(y.numel() // y.shape[-1], y.device)
+
+    def close_batch(self) -> None:
+        if self.last is not None:
+            self.retire(self.last)
+        self.last = None

@@ -1,0 +1,46 @@
+"""The probe's answer: one row of scores per site, in model order, and the per-batch page values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .buffers import Accumulator
+from .settings import ProbeSettings
+
+
+@dataclass
+class ProbeResult:
+    """Scores per site (one row each, in model order) and the per-batch page values for bootstrap."""
+
+    scores: pd.DataFrame
+    batch_page: np.ndarray  # (batches, sites)
+    batches: int
+    tokens: int
+    seconds: float
+    settings: ProbeSettings
+
+
+def probe_result(acc: Accumulator, n_batches: int, tokens: int, seconds: float,
+                 batch_page: np.ndarray) -> ProbeResult:
+    fast = acc.settings.mode == "fast"
+    totals = acc.sums.cpu().numpy()  # (sites, [page, grad_energy, fisher]) summed over batches
+    sampled = (acc.sampled_sum / n_batches).cpu()  # (sites, draws)
+    rows = []
+    for st, (page_sum, grad_energy_sum, fisher_sum), draws in zip(acc.states, totals, sampled):
+        # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
+        g_mean = st.g_sum.double() / n_batches
+        spread = float(draws.sum())
+        coherence = float(g_mean.pow(2).sum()) * acc.s2 / spread if spread > 0 else 0.0
+        rows.append(dict(
+            st.site.to_dict(),
+            page=float(draws.mean()) if fast else page_sum / n_batches,
+            page_se=float(draws.std() / len(draws) ** 0.5) if fast else np.nan,
+            page_sampled=float(draws[0]),
+            grad_energy=np.nan if fast else grad_energy_sum / n_batches,
+            fisher=fisher_sum / max(st.examples, 1),
+            coherence=coherence,
+        ))
+    frame = pd.DataFrame(rows).rename(columns={"name": "site"})
+    return ProbeResult(frame, batch_page, n_batches, tokens, seconds, acc.settings)

@@ -1,0 +1,135 @@
+"""Profile a model end to end: data -> probe -> ranking -> plan, and write the profile folder.
+
+This is the composition the CLI, the demo and the notebook share; each step stays in its own module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from .. import data as data_mod
+from ..data.examples import load_examples  # noqa: F401  (documented here: placement.profile.load_examples)
+from ..errors import PlacementError
+from ..model.load import ModelSource
+from ..model.sites import Site, find_sites, fingerprint, num_layers
+from ..outputs import atomic_path, write_csv
+from ..plan.plan import Plan
+from ..plan.ranking import SCORES, agreement_table, concentration, rank, stability
+from ..plan.strategies import Strategy
+from ..probe import ProbeResult, ProbeSettings, probe
+from ..report.figures import convergence_plot, heatmap
+
+CSV_COLUMNS = ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "rank_lo", "rank_hi", "p_top",
+               "score", "page_se", "page_sampled", "grad_energy", "fisher", "coherence"]
+
+
+@dataclass
+class Profile:
+    result: ProbeResult
+    ranked: pd.DataFrame  # one row per site, by rank
+    plan: Plan
+    score: str
+    convergence: pd.DataFrame | None = None  # the ranking batch by batch
+
+    def summary(self) -> dict:
+        top = self.ranked.iloc[0]
+        conc = self.plan.concentration
+        return {
+            "dominant_site": top.site, "layer": int(top.layer), "role": top.role, "share": float(top.share),
+            "top1_top2_ratio": conc["top1_top2_ratio"], "effective_sites": conc["effective_sites"],
+            "gini": conc["gini"], "score": self.score, "mode": self.result.settings.mode,
+            "batches": self.result.batches, "tokens": self.result.tokens, "seconds": round(self.result.seconds, 2),
+            "sites": len(self.ranked),
+        } | ({"p_top": self.plan.stability["p_top"],
+              "top_stable_after_batches": self.plan.stability["top_stable_after_batches"]}
+             if self.plan.stability else {})
+
+
+def model_block(model, source: ModelSource, sites: list[Site]) -> dict:
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return {
+        "name": source.name, "revision": source.revision, "note": source.note,
+        "architecture": architectures[0], "model_type": getattr(config, "model_type", None),
+        "num_layers": num_layers(model), "num_sites": len(sites), "fingerprint": fingerprint(sites),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def calibration_batches(tokenizer, spec: str, *, batches: int, batch_size: int, max_length: int, seed: int,
+                        examples: list | None = None):
+    if examples is None:
+        examples = load_examples(spec, seed)
+    return data_mod.make_batches(tokenizer, examples, batch_size=batch_size, batches=batches,
+                                 max_length=max_length, seed=seed)
+
+
+def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
+                max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
+                strategy: Strategy | None = None, progress: bool = False, examples: list | None = None,
+                bootstrap: int = 200) -> Profile:
+    """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast).
+    `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
+    the convergence curve are those of the `page` ranking, the score every batch records."""
+    settings = settings or ProbeSettings()
+    settings.check()
+    strategy = strategy or Strategy()
+    strategy.check()
+    # Settings that cannot work fail before the probe spends its minutes.
+    if score == "grad_energy" and settings.mode == "fast":
+        raise PlacementError("--score grad_energy needs the exact probe: drop --fast")
+    if bootstrap < 0:
+        raise PlacementError(f"--bootstrap {bootstrap} is negative: pass 0 (no intervals) or a number of resamples")
+    sites = find_sites(model)
+    calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size,
+                                max_length=max_length, seed=settings.seed, examples=examples)
+    result = probe(model, sites, calib, settings, progress=progress)
+    ranked = rank(result.scores, score)
+    curve, stable = None, {}
+    if bootstrap > 0:
+        sites_in_order = list(result.scores["site"])
+        intervals, curve, stable = stability(result.batch_page, sites_in_order, n=bootstrap, seed=settings.seed)
+        ranked = ranked.merge(intervals, on="site", how="left")
+    probe_block = {
+        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
+        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
+        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
+    }
+    site_rows = [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in ranked[[c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo",
+                                       "rank_hi", "p_top") if c in ranked.columns]].to_dict("records")
+    ]
+    plan = Plan.build(model=model_block(model, source, sites), probe=probe_block, sites=site_rows,
+                      strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
+                      stability=stable)
+    return Profile(result, ranked, plan, score, curve)
+
+
+def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Path]:
+    """scores.csv, plan.json, heatmap.png (and its log-scale twin), and the per-batch scores, each atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in CSV_COLUMNS if c in profile.ranked.columns]
+    write_csv(out / "scores.csv", profile.ranked[columns])
+    profile.plan.save(out / "plan.json")
+    heatmap(profile.ranked, out / "heatmap.png", title=title)
+    heatmap(profile.ranked, out / "heatmap_log.png", title=title, log=True)
+    written = [out / "score_agreement.csv"]
+    by_score = {name: profile.ranked.set_index("site")[name] for name in SCORES if name in profile.ranked.columns}
+    write_csv(out / "score_agreement.csv", agreement_table(by_score))
+    if profile.convergence is not None:
+        write_csv(out / "convergence.csv", profile.convergence)
+        convergence_plot(profile.convergence, profile.plan.stability, out / "convergence.png", title=title)
+        written = [out / "convergence.csv", out / "convergence.png"]
+    # Per-batch page values in model site order, for bootstrap and convergence without re-probing.
+    with atomic_path(out / "batch_scores.safetensors") as tmp:
+        save_file({"page": torch.from_numpy(np.ascontiguousarray(profile.result.batch_page))}, str(tmp),
+                  metadata={"sites": ",".join(profile.result.scores["site"])})
+    return [out / name for name in ("scores.csv", "plan.json", "heatmap.png", "heatmap_log.png",
+                                    "batch_scores.safetensors")] + written

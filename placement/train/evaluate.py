@@ -1,0 +1,119 @@
+"""Evaluate a model, adapted or not, on held-out examples: token loss, and exact match by greedy generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data as data_mod
+from ..model.loss import token_loss
+from . import answers
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class Evaluation:
+    eval_loss: float
+    exact_match: float | None = None
+    balanced_accuracy: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    predictions: list[str | None] = field(default_factory=list)
+
+
+def task_kind(examples: list) -> str | None:
+    """The answer kind of a task (boolean, choice, number, text), or None when its examples carry no answers."""
+    golds = [e.answer for e in examples if e.answer is not None]
+    if not golds or len(golds) < len(examples):
+        return None
+    return answers.answer_kind(golds)
+
+
+@torch.no_grad()
+def mean_loss(model, tokenizer, examples: list, *, batch_size: int = 16, max_length: int = 256) -> float:
+    """Cross-entropy per target token over all `examples`, each token weighing the same."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in data_mod.eval_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
+        tokens = batch.target_tokens()
+        total += float(token_loss(model, batch.to(device))) * tokens
+        count += tokens
+    return total / max(count, 1)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Generation ends at the end-of-sequence token or at an end-of-turn token the vocabulary knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: list, *, batch_size: int = 16, max_new_tokens: int = 32,
+             progress: bool = False) -> list[str]:
+    """Greedy completions of each example's prompt, without the prompt and without special tokens."""
+    from transformers import GenerationConfig
+
+    stops = stop_ids(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                              pad_token_id=data_mod.pad_token_id(tokenizer))
+    device = next(model.parameters()).device
+    outputs = []
+    chunks = range(0, len(examples), batch_size)
+    for start in tqdm(chunks, desc="generating", disable=not progress):
+        input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, examples[start:start + batch_size])
+        new = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config)[:, input_ids.shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def evaluate(model, tokenizer, examples: list, *, kind: str | None = None, batch_size: int = 16,
+             max_length: int = 256, max_new_tokens: int = 32, progress: bool = False) -> Evaluation:
+    """Held-out loss always; exact match (and balanced accuracy for yes/no and multiple choice) when answers exist."""
+    model.eval()
+    result = Evaluation(mean_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length))
+    kind = kind or task_kind(examples)
+    if kind is None:
+        return result
+    golds = [e.answer for e in examples]
+    result.outputs = generate(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              progress=progress)
+    result.predictions = [answers.extract(o, kind) for o in result.outputs]
+    result.exact_match = answers.exact_match(result.outputs, golds, kind)
+    if kind in ("boolean", "choice"):
+        result.balanced_accuracy = answers.balanced_accuracy(result.predictions, golds, kind)
+    return result
+
+
+def majority_baseline(train_examples: list, test_examples: list, kind: str) -> Evaluation:
+    """Always answer the most common training answer: the floor a yes/no or multiple-choice score must clear."""
+    answer = answers.majority_answer([e.answer for e in train_examples if e.answer is not None], kind)
+    golds = [e.answer for e in test_examples]
+    always = [answer] * len(golds)  # the output and its extracted prediction are the same string
+    return Evaluation(float("nan"), answers.exact_match(always, golds, kind),
+                      answers.balanced_accuracy(always, golds, kind), always, always)
+
+
+def predictions_frame(examples: list, evaluation: Evaluation):
+    """One row per test example; without answers nothing was generated and output and prediction stay empty."""
+    import pandas as pd
+
+    blank = [None] * len(examples)
+    return pd.DataFrame({
+        "prompt": [e.prompt[-1]["content"] if e.prompt else (e.text or "") for e in examples],
+        "answer": [e.answer for e in examples],
+        "output": evaluation.outputs or blank,
+        "prediction": evaluation.predictions or blank,
+    })
+
+
+def skipped_exact_match(examples: list) -> str | None:
+    """Why exact match is not scored on these test examples, or None when it is."""
+    if task_kind(examples) is not None:
+        return None
+    if any(e.prompt is None for e in examples):
+        return "plain-text records have no prompt to answer"
+    return "not every test record has an answer field"
