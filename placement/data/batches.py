@@ -212,3 +212,16 @@ def task_splits(
     pool = [e for e in examples if prompt_key(e) not in excluded]
     train, val, _ = split_examples(pool, test=0, validation=validation, seed=seed)
     return train, val, [held[k] for k in keys]
+
+
+def load_splits(data: str, eval_data: str | None, test: int | None, validation: int | None, seed: int):
+    """(train, validation, test) examples of a training run's data sources (see `task_splits`)."""
+    from .examples import load_examples
+
+    if test is not None and test < 1:
+        raise DataError(f"--test {test} leaves nothing to evaluate on: pass at least 1")
+    held = load_examples(eval_data, seed) if eval_data else None
+    splits = task_splits(load_examples(data, seed), held, test=test, validation=validation, seed=seed)
+    if not splits[2]:
+        raise DataError(f"{data} has too few distinct prompts to hold out a test example: add data or pass --eval-data")
+    return splits

@@ -57,6 +57,18 @@ class Site:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_row(self) -> dict:
+        """What `placement sites --json` lists."""
+        return {"site": self.name, "layer": self.layer, "role": self.role, "d_in": self.d_in, "d_out": self.d_out}
+
+
+def site_table(sites: list[Site]) -> list[str]:
+    """The sites as aligned text lines, with a closing count."""
+    lines = [f"{'site':48s} {'layer':>5s} {'role':>7s} {'d_in':>6s} {'d_out':>6s}"]
+    lines += [f"{s.name:48s} {s.layer:5d} {s.role:>7s} {s.d_in:6d} {s.d_out:6d}" for s in sites]
+    lines.append(f"{len(sites)} sites in {len({s.layer for s in sites})} layers")
+    return lines
+
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))

@@ -74,6 +74,29 @@ class Plan:
         write_json(path, self.to_json())
 
     @classmethod
+    def from_source(cls, source: str | Path, rank: int | None = None) -> "Plan":
+        """The plan of a profile's folder, its scores.csv or a plan file; `rank` sets another r (alpha as it is)."""
+        path = Path(source)
+        if not path.exists():
+            raise PlacementError(f"{source} not found: pass the --out folder of placement profile or a plan file")
+        plan = cls.load(path.parent / "plan.json" if path.suffix == ".csv" else path)
+        if rank is not None:
+            if rank < 1:
+                raise PlacementError(f"--r {rank} is not a LoRA rank: pass a positive integer")
+            plan.peft = dict(plan.peft, r=rank)
+        return plan
+
+    def with_rank(self, r: int | None) -> "Plan":
+        """The same sites at rank r, alpha / r kept (itself when r is None)."""
+        if r is None:
+            return self
+        return self.with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
+
+    @property
+    def dominant_site(self) -> str:
+        return min(self.sites, key=lambda row: row["rank"])["site"]
+
+    @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         if path.is_dir():
@@ -128,6 +151,21 @@ class Plan:
 
     def lora_config(self):
         return lora_config(self.peft)
+
+    def peft_config_json(self) -> str:
+        """PEFT's own adapter_config.json for this plan, targets sorted, naming the model as the user gave it."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.lora_config().save_pretrained(tmp)
+            config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
+        config["target_modules"] = sorted(config.get("target_modules") or [])
+        config["base_model_name_or_path"] = self.model.get("name")
+        return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    def targets_by_rank(self) -> list[str]:
+        rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
+        return sorted(self.targets, key=lambda t: rank_of.get(t, 0))
 
     @property
     def label(self) -> str:

@@ -16,12 +16,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
 from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, selector_k  # noqa: F401
 from ..report.figures import loss_curves
 from ..train import evaluate as ev
-from ..train.trainer import TrainSettings, run_metrics, train, write_run
+from ..train.run import finish_run
+from ..train.trainer import TrainSettings, train
 
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "eval_loss", "val_loss",
@@ -129,16 +131,10 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     for arm in tqdm(settings.arms, desc="arms", disable=not progress):
         plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed)
         run = _train_arm(model, tokenizer, plan, arm, splits, settings, progress)
-        result = ev.evaluate(run.model, tokenizer, test_set, **eval_kwargs)
-        folder = out / "arms" / arm.label.replace(":", "-")
-        metrics = run_metrics(run, plan) | {
-            "eval_loss": result.eval_loss, "exact_match": result.exact_match,
-            "balanced_accuracy": result.balanced_accuracy, "val_loss": run.extra["val_loss"],
-            "lr_sweep": run.extra["sweep"] if settings.sweeps(arm) else None,
-        }
-        write_run(run, folder, metrics, model_name=base.model.get("name"))
-        plan.save(folder / "plan.json")
-        write_csv(folder / "predictions.csv", ev.predictions_frame(test_set, result))
+        result, _ = finish_run(run, plan, tokenizer, test_set, out / "arms" / arm.label.replace(":", "-"),
+                               eval_kwargs=eval_kwargs, model_name=base.model.get("name"),
+                               extra={"val_loss": run.extra["val_loss"],
+                                      "lr_sweep": run.extra["sweep"] if settings.sweeps(arm) else None})
         rows.append(_row(arm.label, sites=len(plan.targets), r=plan.peft["r"], trainable_params=run.trainable_params,
                          params_pct=100 * run.trainable_params / full, lr=run.settings.lr, eval_loss=result.eval_loss,
                          val_loss=run.extra["val_loss"], exact_match=result.exact_match,
@@ -160,6 +156,42 @@ def _em_text(evaluation: ev.Evaluation) -> str:
     if evaluation.balanced_accuracy is not None:
         text += f" (balanced {100 * evaluation.balanced_accuracy:.1f}%)"
     return text
+
+
+def compare_inputs(arms: str, splits, lr_sweep: bool, sweep_arms: str | None, scores: str | None,
+                   max_new_tokens: int) -> tuple[list[Arm], list[str] | None, Plan | None]:
+    """Everything about a comparison that can be wrong without a model, checked before any loading:
+    (arms, the arms to sweep, the given profile's plan or None)."""
+    parsed = parse_arms(arms)
+    if max_new_tokens < 1:
+        raise PlacementError(f"--max-new-tokens {max_new_tokens} generates nothing: pass a positive number such as 32")
+    if lr_sweep and not splits[1]:
+        raise PlacementError("--lr-sweep needs a validation split: pass --validation N with N > 0")
+    swept = [a.strip() for a in sweep_arms.split(",") if a.strip()] if sweep_arms else None
+    unknown = [a for a in swept or [] if a not in {p.label for p in parsed}]
+    if unknown:
+        raise PlacementError(f"--sweep-arms names '{unknown[0]}', which is not in --arms: sweep arms of the comparison")
+    return parsed, swept, (Plan.load(scores) if scores else None)
+
+
+def run_comparison(model, tokenizer, source, data: str, splits, settings: CompareSettings, out: str | Path, *,
+                   base: Plan | None, probe_settings, batches: int, progress: bool = False, log=print):
+    """The compare study: probe on the training split (or use the given profile's plan), train and evaluate every
+    arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
+    from .profile import run_profile, write_profile
+
+    check_arms(settings.arms, model)  # before the probe: an arm this model cannot give fails in seconds
+    if base is not None:
+        base.check(model)
+    else:
+        profile = run_profile(model, tokenizer, source, data, batches=batches, batch_size=settings.train.batch_size,
+                              max_length=settings.train.max_length, settings=probe_settings, progress=progress,
+                              examples=splits[0])
+        write_profile(profile, Path(out) / "profile", title=f"{source.name} on {data}: page")
+        base = profile.plan
+    comparison = run_compare(model, tokenizer, base, splits, settings, out, progress=progress, log=log)
+    write_comparison(comparison, out, title=f"{source.name} on {data}")
+    return comparison, base
 
 
 def write_comparison(comparison: Comparison, out, title: str = "") -> list:

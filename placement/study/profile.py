@@ -4,6 +4,7 @@ This is the composition the CLI, the demo and the notebook share; each step stay
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,27 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
                       strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
                       stability=stable)
     return Profile(result, ranked, plan, score, curve)
+
+
+def summary_lines(summary: dict, profile: Profile, out) -> list[str]:
+    """What `placement profile` prints: the dominant site, how concentrated and stable the score is, the cost."""
+    ratio, plan = summary["top1_top2_ratio"], profile.plan
+    lines = [
+        f"dominant site   {summary['dominant_site']}  (layer {summary['layer']}, role {summary['role']})",
+        f"its share       {100 * summary['share']:.1f}% of {profile.score} over {summary['sites']} sites",
+        f"top-1 / top-2   {ratio:.2f}x" if math.isfinite(ratio) else "top-1 / top-2   (one site scores)",
+        f"effective sites {summary['effective_sites']:.1f}   gini {summary['gini']:.2f}",
+    ]
+    if "p_top" in summary:
+        lines.append(f"stability       top in {100 * summary['p_top']:.0f}% of {plan.stability['bootstrap']} bootstrap "
+                     f"resamples; top site fixed from batch {summary['top_stable_after_batches']} of "
+                     f"{summary['batches']}")
+    return lines + [
+        f"probe           {summary['batches']} batches, {summary['tokens']} target tokens, {summary['seconds']:.1f} s "
+        f"({profile.result.settings.mode})",
+        f"plan            {plan.label}: {', '.join(plan.targets[:4])}" + (" ..." if len(plan.targets) > 4 else ""),
+        f"wrote           {out}/scores.csv, plan.json, heatmap.png",
+    ]
 
 
 def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Path]:

@@ -51,7 +51,10 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 saves none
 
-    def check(self) -> None:
+    def check(self, max_new_tokens: int | None = None) -> None:
+        """Refuse settings that cannot train (and a generation length that generates nothing)."""
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise TrainError(f"--max-new-tokens {max_new_tokens} generates nothing: pass a positive number such as 32")
         if self.steps < 1:
             raise TrainError(f"--steps {self.steps} trains nothing: pass at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -191,6 +194,18 @@ def _step_dirs(folder: Path) -> list[Path]:
     """Complete checkpoint states (a state.json is written last), oldest first."""
     found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def checkpoint_refusal(out):
+    """The refusal for a folder whose earlier run left a checkpoint (a `refusal_hint` of `run_folder`): say how to
+    continue it rather than only that the folder is taken."""
+    def hint(record: dict) -> str | None:
+        if any(str(f).startswith(CHECKPOINTS + "/") for f in record.get("files", [])):
+            return (f"--out {out} holds a checkpoint of an unfinished run: pass --resume to continue it, "
+                    "or --overwrite to start afresh")
+        return None
+
+    return hint
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
