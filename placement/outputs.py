@@ -366,6 +366,8 @@ def run_folder(out: str | Path, *, overwrite: bool = False, resume: bool = False
 
     `refusal_hint(record) -> str | None` may give a more specific refusal for an earlier run (e.g. its checkpoint)."""
     root = Path(out)
+    if resume and overwrite:
+        raise PlacementError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if root.exists() and not root.is_dir():
         raise PlacementError(f"--out {out} is a file: pass a folder")
     created = not root.exists()

@@ -163,6 +163,24 @@ class Plan:
         config["base_model_name_or_path"] = self.model.get("name")
         return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
+    def export(self, out: str | None, peft_config: str | None, overwrite: bool) -> tuple[dict, list[str]]:
+        """Write the plan file and/or PEFT's adapter_config.json (each a single file, replaced only with
+        `overwrite`); returns what `placement plan` prints, and its JSON form."""
+        from ..outputs import json_text, write_new_file
+
+        if out:
+            write_new_file(out, json_text(self.to_json()), overwrite)
+        if peft_config:
+            write_new_file(Path(peft_config) / "adapter_config.json", self.peft_config_json(), overwrite)
+        ranked = self.targets_by_rank()
+        summary = {"strategy": self.label, "targets": ranked, "trainable_params": self.trainable_params,
+                   "out": out, "peft_config": peft_config}
+        return summary, [
+            f"strategy   {self.label}",
+            f"targets    {len(ranked)} by rank: {', '.join(ranked[:6])}" + (" ..." if len(ranked) > 6 else ""),
+            f"trainable  {self.trainable_params:,} LoRA parameters at r={self.peft['r']}",
+        ] + [f"wrote      {path}" for path in (out, peft_config and f"{peft_config}/adapter_config.json") if path]
+
     def targets_by_rank(self) -> list[str]:
         rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
         return sorted(self.targets, key=lambda t: rank_of.get(t, 0))

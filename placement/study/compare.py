@@ -194,6 +194,19 @@ def run_comparison(model, tokenizer, source, data: str, splits, settings: Compar
     return comparison, base
 
 
+def demo_summary(comparison: Comparison, base: Plan, out) -> tuple[dict, list[str]]:
+    """What `placement demo` prints, and its JSON form."""
+    top = min(base.sites, key=lambda row: row["rank"])
+    summary = {"dominant_site": top["site"], "share": top["share"], "out": out,
+               "rows": comparison.table.to_dict("records")}
+    return summary, [
+        f"dominant site {top['site']} holds {100 * top['share']:.1f}% of PAGE",
+        comparison.markdown(),
+        f"wrote {out}/report.html, {out}/profile (scores.csv, plan.json, top4.json, heatmap.png), {out}/arms/, "
+        f"{out}/comparison.md, {out}/curves.png",
+    ]
+
+
 def write_comparison(comparison: Comparison, out, title: str = "") -> list:
     """comparison.csv, comparison.md, comparison.json and curves.png, each written atomically."""
     out = Path(out)

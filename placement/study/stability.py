@@ -26,6 +26,13 @@ def task_names(datas: list[str]) -> list[str]:
     return names
 
 
+def stability_summary(table: pd.DataFrame, names: list[str], tops: dict, datas, out) -> tuple[dict, list[str]]:
+    """What `placement stability` prints, and its JSON form."""
+    lines = [f"{name:>16s}: top {top.site} ({100 * top.share:.1f}%)" for name, top in tops.items()]
+    lines += [table.to_markdown(index=False, floatfmt=".3f"), f"wrote {out}/stability.csv, stability.md, stability.png"]
+    return {"tasks": dict(zip(names, datas)), "pairs": table.to_dict("records"), "out": out}, lines
+
+
 def run_stability(model, tokenizer, source, examples: dict[str, list], out: str | Path, *, batches: int,
                   batch_size: int, max_length: int, seed: int, top_k: int, progress: bool = False):
     """A profile per task under OUT/<task>, then stability.csv/.md and the matrix stability.png.

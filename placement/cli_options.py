@@ -1,0 +1,158 @@
+"""The command line's option groups, one per setting group (model, data, batches, training, a run folder, ...),
+and the per-command bundles: `cli.py` composes them and keeps only the commands."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .errors import PlacementError
+from .plan.strategies import STRATEGIES, arm_help, strategy_help
+
+
+def user_errors(fn):
+    """Errors a user can cause become one line and exit 1; anything else is a bug and keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PlacementError as err:
+            raise click.ClickException(str(err).splitlines()[0]) from None
+    return wrapper
+
+
+def options(*decorators):
+    """Several click options as one decorator, applied in the order listed."""
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+MODEL_HELP = "smollm2-135m (embedded, no network), a hub id, a local model folder or a .gguf file"
+DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def user_errors(fn):
+    """Errors a user can cause become one line and exit 1; anything else is a bug and keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PlacementError as err:
+            raise click.ClickException(str(err).splitlines()[0]) from None
+    return wrapper
+
+
+def options(*decorators):
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+model_options = options(
+    click.option("--model", default="smollm2-135m", show_default=True, help=MODEL_HELP),
+    click.option("--dtype", default="float32", show_default=True, type=DTYPES),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto"),
+    click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from its folder or hub repo"))
+output_options = options(
+    click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary as JSON"),
+    click.option("--quiet", is_flag=True, help="no progress bars"))
+run_options = options(
+    click.option("--out", required=True, type=click.Path(), help="output folder (a run folder, see run.json)"),
+    click.option("--overwrite", is_flag=True, help="replace an earlier run of placement in --out (only its files)"),
+    click.option("--report", "make_report", is_flag=True, help="also write OUT/report.html"))
+strategy_options = options(
+    click.option("--strategy", default="dominant", show_default=True, type=click.Choice(STRATEGIES),
+                 help=strategy_help()),
+    click.option("--k", type=int, default=None, help="sites for top-k, layers for last-k"),
+    click.option("--max-params", type=int, default=None, help="trainable-parameter budget for --strategy budget"),
+    click.option("--strategy-seed", type=int, default=0, show_default=True, help="seed of random-1"))
+batch_options = options(
+    click.option("--batch-size", type=int, default=8, show_default=True),
+    click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, at most"),
+    click.option("--seed", type=int, default=0, show_default=True, help="data order, lora_A draw and splits"))
+data_split_options = options(
+    click.option("--data", required=True, help="builtin:arithmetic, a JSON/JSONL/CSV/Parquet file, or a hub data set"),
+    click.option("--eval-data", default=None, help="test data in the same formats (default: held out from --data)"),
+    click.option("--test", "n_test", type=int, default=None,
+                 help="test examples [default: 10% of the distinct prompts, at most 100]"),
+    click.option("--validation", "n_validation", type=int, default=None,
+                 help="validation examples, held out from the training data [default: 10%, at most 64]"))
+train_options = options(
+    click.option("--steps", type=int, default=200, show_default=True),
+    click.option("--lr", type=float, default=1e-3, show_default=True, help="peak learning rate"),
+    batch_options,
+    click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generation length for exact match"))
+
+probe_options = options(  # profile: the model, the data, the LoRA and probe the scores assume, the strategy
+    model_options,
+    click.option("--data", required=True, help="builtin:arithmetic, a JSON/JSONL/CSV/Parquet file, or a hub data set"),
+    click.option("--batches", type=int, default=8, show_default=True, help="calibration batches"),
+    batch_options,
+    click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank the scores assume"),
+    click.option("--alpha", type=float, default=16, show_default=True, help="LoRA alpha the scores assume"),
+    click.option("--rslora", is_flag=True, help="score for rsLoRA scaling, alpha / sqrt(r)"),
+    click.option("--fast", is_flag=True, help="never form a weight-sized gradient; page is estimated over --draws"),
+    click.option("--draws", type=int, default=8, show_default=True, help="draws of lora_A in --fast mode"),
+    click.option("--score", default="page", show_default=True,
+                  type=click.Choice(["page", "page_sampled", "grad_energy", "fisher"]), help="ranking score"),
+    click.option("--checkpointing", is_flag=True, help="gradient checkpointing: less memory, one more forward"),
+    click.option("--bootstrap", type=int, default=200, show_default=True,
+                  help="resamples of the calibration batches for rank intervals (0: none)"),
+    strategy_options)
+
+plan_options = options(  # plan: rank, model check and the files it writes
+    click.option("--r", "rank", type=int, default=None, help="LoRA rank of the plan (default: the probe's)"),
+    click.option("--model", "check_model", default=None, help="check the plan against this model first (" + MODEL_HELP + ")"),
+    click.option("--trust-remote-code", is_flag=True, help="allow the model's own code when checking --model"),
+    click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan JSON here"),
+    click.option("--peft-config", type=click.Path(file_okay=False), default=None,
+                  help="write PEFT's adapter_config.json into this folder"),
+    click.option("--overwrite", is_flag=True, help="replace an existing --out file or adapter_config.json"))
+
+stability_options = options(  # stability: the model and the tasks
+    model_options,
+    click.option("--data", "datas", required=True, multiple=True, help="a task, given twice or more: same forms as profile's --data"),
+    click.option("--batches", type=int, default=8, show_default=True, help="calibration batches per task"),
+    batch_options,
+    click.option("--k", "top_k", type=int, default=5, show_default=True, help="size of the top-k sets compared"))
+
+train_command_options = options(  # train: the plan, the model, the data, the run
+    click.option("--plan", "plan_path", required=True, type=click.Path(), help="a plan.json or a profile's folder"),
+    click.option("--model", default=None, help="default: the plan's model. " + MODEL_HELP),
+    click.option("--dtype", default="float32", show_default=True, type=DTYPES),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto"),
+    click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from its folder or hub repo"),
+    data_split_options,
+    train_options,
+    click.option("--r", "rank", type=int, default=None, help="LoRA rank (default: the plan's)"),
+    click.option("--save-every", type=int, default=0, show_default=True, help="checkpoint every N steps (0: never)"),
+    click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out"),
+    click.option("--merge", is_flag=True, help="also write the merged model to OUT/merged"),
+    click.option("--out", required=True, type=click.Path(), help="adapter folder (PEFT format)"),
+    click.option("--overwrite", is_flag=True, help="replace an earlier run of placement in --out (only its files)"))
+
+compare_options = options(  # compare: the model, data and training, the arms and how they are made
+    model_options,
+    data_split_options,
+    train_options,
+    click.option("--arms", default="dominant,all-linear,attn-qv,ffn,last-2,random-1,top-4", show_default=True,
+                  help="comma-separated: " + arm_help()),
+    click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of arms without :rN"),
+    click.option("--alpha", type=float, default=16, show_default=True, help="LoRA alpha at rank --r (alpha / r is kept)"),
+    click.option("--scores", type=click.Path(), default=None, help="a profile's folder or plan.json instead of probing"),
+    click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
+    click.option("--lr-sweep", is_flag=True, help="try 1e-4, 3e-4, 1e-3, 3e-3 per arm, keep the best validation loss"),
+    click.option("--sweep-arms", default=None, help="comma-separated arms to sweep (default: all)"))
+
+demo_options = options(  # demo: its few knobs
+    click.option("--out", default="runs/demo", show_default=True, type=click.Path(),
+                  help="output folder; an earlier demo there is replaced"),
+    click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
+    click.option("--steps", type=int, default=60, show_default=True, help="training steps per arm"),
+    click.option("--test", "n_test", type=int, default=60, show_default=True, help="test examples"),
+    click.option("--arms", default="dominant,all-linear", show_default=True, help="arms to train and compare"))
