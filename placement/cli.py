@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_options import (compare_options, demo_options, model_options, output_options, plan_options, probe_options,
-                          run_options, stability_options, strategy_options, train_command_options, user_errors)
+                          stability_options, strategy_options, train_command_options, user_errors, writes_run)
 from .outputs import finite, json_text, run_folder
 
 
@@ -83,9 +83,7 @@ def sites(model, dtype, device, trust_remote_code, as_json, quiet, include_route
 
 @main.command()
 @probe_options
-@run_options
-@output_options
-@user_errors
+@writes_run
 def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, max_length, seed, rank, alpha,
             rslora, fast, draws, score, checkpointing, bootstrap, strategy, k, max_params, strategy_seed, out,
             overwrite, make_report, as_json, quiet):
@@ -136,9 +134,7 @@ def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, 
 
 @main.command()
 @stability_options
-@run_options
-@output_options
-@user_errors
+@writes_run
 def stability(model, dtype, device, trust_remote_code, datas, batches, batch_size, max_length, seed, top_k, out,
               overwrite, make_report, as_json, quiet):
     """Probe one model on several tasks and say how far their site rankings agree (Spearman, Kendall, top-1, top-k)."""
@@ -196,9 +192,7 @@ def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_dat
 
 @main.command()
 @compare_options
-@run_options
-@output_options
-@user_errors
+@writes_run
 def compare(model, dtype, device, trust_remote_code, data, eval_data, n_test, n_validation, steps, lr, batch_size,
             max_length, seed, max_new_tokens, arms, rank, alpha, scores, batches, lr_sweep, sweep_arms, out,
             overwrite, make_report, as_json, quiet):

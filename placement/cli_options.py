@@ -34,25 +34,6 @@ MODEL_HELP = "smollm2-135m (embedded, no network), a hub id, a local model folde
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 
-def user_errors(fn):
-    """Errors a user can cause become one line and exit 1; anything else is a bug and keeps its traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PlacementError as err:
-            raise click.ClickException(str(err).splitlines()[0]) from None
-    return wrapper
-
-
-def options(*decorators):
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-    return apply
-
-
 model_options = options(
     click.option("--model", default="smollm2-135m", show_default=True, help=MODEL_HELP),
     click.option("--dtype", default="float32", show_default=True, type=DTYPES),
@@ -156,3 +137,5 @@ demo_options = options(  # demo: its few knobs
     click.option("--steps", type=int, default=60, show_default=True, help="training steps per arm"),
     click.option("--test", "n_test", type=int, default=60, show_default=True, help="test examples"),
     click.option("--arms", default="dominant,all-linear", show_default=True, help="arms to train and compare"))
+# every command that writes a run folder ends its decorators so; user_errors innermost
+writes_run = options(run_options, output_options, user_errors)
