@@ -120,16 +120,17 @@ def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, 
              overwrite, as_json, quiet):
     """Make a placement plan from a profile's folder, its scores.csv or a plan file; without --out or --peft-config
     print the plan JSON."""
-    from .plan import Plan, Strategy
+    from .plan import Strategy
+    from .plan.export import export, plan_from_source
 
     chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
     chosen.check()
-    new = Plan.from_source(source, rank).with_strategy(chosen)
+    new = plan_from_source(source, rank).with_strategy(chosen)
     if check_model:
         new.check(_load(check_model, trust_remote_code=trust_remote_code)[0])
     if not out and not peft_config:
         return click.echo(json_text(new.to_json()), nl=False)
-    _emit(*new.export(out, peft_config, overwrite), as_json)
+    _emit(*export(new, out, peft_config, overwrite), as_json)
 
 
 @main.command()

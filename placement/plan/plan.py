@@ -73,19 +73,6 @@ class Plan:
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
 
-    @classmethod
-    def from_source(cls, source: str | Path, rank: int | None = None) -> "Plan":
-        """The plan of a profile's folder, its scores.csv or a plan file; `rank` sets another r (alpha as it is)."""
-        path = Path(source)
-        if not path.exists():
-            raise PlacementError(f"{source} not found: pass the --out folder of placement profile or a plan file")
-        plan = cls.load(path.parent / "plan.json" if path.suffix == ".csv" else path)
-        if rank is not None:
-            if rank < 1:
-                raise PlacementError(f"--r {rank} is not a LoRA rank: pass a positive integer")
-            plan.peft = dict(plan.peft, r=rank)
-        return plan
-
     def with_rank(self, r: int | None) -> "Plan":
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
         if r is None:
@@ -98,35 +85,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "plan.json"
-        if not path.is_file():
-            raise PlacementError(f"plan {path} not found: pass a plan.json or a profile's output folder")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlacementError(f"plan {path} is not valid JSON ({err}): regenerate it with placement profile") from err
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise PlacementError(f"plan {path} has schema {found!r}, expected {SCHEMA}: regenerate it with placement profile")
-        missing = [k for k in REQUIRED if k not in data]
-        if missing:
-            raise PlacementError(f"plan {path} lacks {', '.join(missing)}: regenerate it with placement profile")
+        """A plan file (or a profile's folder), checked: it must train exactly its targets (`plan_problem`)."""
+        path, data = read_plan(path)
         known = set(cls.__dataclass_fields__)
         plan = cls(**{k: v for k, v in data.items() if k in known})
-        problem = plan.problem()
+        problem = plan_problem(plan)
         if problem:
             raise PlacementError(f"plan {path}: {problem}; fix it or regenerate it with placement plan")
         return plan
-
-    def problem(self) -> str | None:
-        """What makes this plan unusable, or None: it must train exactly its targets, with arguments PEFT accepts."""
-        if not isinstance(self.targets, list) or not self.targets or not all(isinstance(t, str) for t in self.targets):
-            return "targets must be a non-empty list of site names"
-        if not isinstance(self.peft, dict):
-            return "peft must be an object of LoraConfig arguments"
-        return peft_problem(self.peft, self.targets)
 
     # -- use -------------------------------------------------------------------------------------------------
     def check(self, model) -> None:
@@ -152,35 +118,6 @@ class Plan:
     def lora_config(self):
         return lora_config(self.peft)
 
-    def peft_config_json(self) -> str:
-        """PEFT's own adapter_config.json for this plan, targets sorted, naming the model as the user gave it."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.lora_config().save_pretrained(tmp)
-            config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
-        config["target_modules"] = sorted(config.get("target_modules") or [])
-        config["base_model_name_or_path"] = self.model.get("name")
-        return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-    def export(self, out: str | None, peft_config: str | None, overwrite: bool) -> tuple[dict, list[str]]:
-        """Write the plan file and/or PEFT's adapter_config.json (each a single file, replaced only with
-        `overwrite`); returns what `placement plan` prints, and its JSON form."""
-        from ..outputs import json_text, write_new_file
-
-        if out:
-            write_new_file(out, json_text(self.to_json()), overwrite)
-        if peft_config:
-            write_new_file(Path(peft_config) / "adapter_config.json", self.peft_config_json(), overwrite)
-        ranked = self.targets_by_rank()
-        summary = {"strategy": self.label, "targets": ranked, "trainable_params": self.trainable_params,
-                   "out": out, "peft_config": peft_config}
-        return summary, [
-            f"strategy   {self.label}",
-            f"targets    {len(ranked)} by rank: {', '.join(ranked[:6])}" + (" ..." if len(ranked) > 6 else ""),
-            f"trainable  {self.trainable_params:,} LoRA parameters at r={self.peft['r']}",
-        ] + [f"wrote      {path}" for path in (out, peft_config and f"{peft_config}/adapter_config.json") if path]
-
     def targets_by_rank(self) -> list[str]:
         rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
         return sorted(self.targets, key=lambda t: rank_of.get(t, 0))
@@ -188,6 +125,35 @@ class Plan:
     @property
     def label(self) -> str:
         return self.strategy.get("label", self.strategy.get("name", "plan"))
+
+
+def read_plan(path: str | Path) -> tuple[Path, dict]:
+    """The JSON of a plan file (or of a profile folder's plan.json), with its schema and required keys checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.is_file():
+        raise PlacementError(f"plan {path} not found: pass a plan.json or a profile's output folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlacementError(f"plan {path} is not valid JSON ({err}): regenerate it with placement profile") from err
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise PlacementError(f"plan {path} has schema {found!r}, expected {SCHEMA}: regenerate it with placement profile")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise PlacementError(f"plan {path} lacks {', '.join(missing)}: regenerate it with placement profile")
+    return path, data
+
+
+def plan_problem(plan: Plan) -> str | None:
+    """What makes a plan unusable, or None: it must train exactly its targets, with arguments PEFT accepts."""
+    if not isinstance(plan.targets, list) or not plan.targets or not all(isinstance(t, str) for t in plan.targets):
+        return "targets must be a non-empty list of site names"
+    if not isinstance(plan.peft, dict):
+        return "peft must be an object of LoraConfig arguments"
+    return peft_problem(plan.peft, plan.targets)
 
 
 def _positive_int(value) -> bool:
