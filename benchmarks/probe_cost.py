@@ -37,20 +37,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# This folder first on sys.path, so the shared helper is found however the script is started (as a file from
+# anywhere, or with -m from the repository root); importing it puts the repository root on sys.path too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -61,8 +57,15 @@ ARMS = ("floor", "exact", "fast", "naive")
 MEMORY_ARMS = ARMS + ("exact_ckpt",)
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc default": {}}
 TARGETS = ("tiny", "embedded")
-RESULT_TAG = "PROBE_COST_ARM "
-MB = 1024 * 1024
+MB = bench.MB
+# The options a memory child needs to build the same workload as the timing run.
+FORWARDED = ("model", "data", "batches", "batch_size", "max_length", "draws", "device", "dtype", "seed", "threads",
+             "tiny_hidden", "tiny_layers")
+# Ratio lines: (printed name, arm, arm); HEADLINE is the part of the last line that comes from wall times.
+RATIOS = (("fast/floor", "fast", "floor"), ("exact/floor", "exact", "floor"), ("exact/naive", "exact", "naive"),
+          ("fast/naive", "fast", "naive"), ("naive/floor", "naive", "floor"))
+HEADLINE = (("fast/floor", "fast", "floor"), ("exact/naive", "exact", "naive"))
+MEMORY_RATIOS = (("exact", "naive"), ("fast", "naive"), ("exact", "floor"))
 
 # Targets, checked on the embedded model (the tiny one under --tiny-only).
 FAST_OVER_FLOOR = 1.10
@@ -81,11 +84,6 @@ class Workload:
     device: torch.device
     weight_bytes: int
     describe: str
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def arm_floor(work: Workload, draws: int):
@@ -195,129 +193,34 @@ def build(target: str, args) -> Workload:
 
 
 # -- peak memory, in a child process -----------------------------------------------------------------------------
-def _status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current VmRSS (Linux: write 5 to clear_refs) and say whether the reset took."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 512
-
-
-class RssSampler:
-    """VmRSS every `interval` seconds on a background thread (torch ops release the GIL, so it runs during them)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak_kb = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak_kb = _status_kb("VmRSS") or 0
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
-
-
-def _trim_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure_arm(args) -> dict:
     """Child process: load, then run one arm once over the batches and report its peak memory above the loaded state."""
     work = build(args.target, args)
     runner = RUNNERS[args.arm]
-    # One small call first, so that lazy imports and one-time initialisation are not counted as the arm's memory;
-    # then hand freed heap back to the OS, so that memory kept from it cannot hide part of the measured peak.
+    # One small call first, so that lazy imports and one-time initialisation are not counted as the arm's memory.
     full = work.batches
     first = full[0]
     work.batches = [type(first)(first.input_ids[:2], first.attention_mask[:2], first.labels[:2])]
     runner(work, args.draws)
     work.batches = full
-    gc.collect()
-    _trim_heap()
-    if work.device.type == "cuda":
-        _sync(work.device)
-        torch.cuda.reset_peak_memory_stats(work.device)
-        base = torch.cuda.memory_allocated(work.device)
-        runner(work, args.draws)
-        _sync(work.device)
-        peak = torch.cuda.max_memory_allocated(work.device)
-        return {"arm": args.arm, "target": args.target, "peak_bytes": peak - base, "method": "cuda_max_allocated"}
-    base_kb = _status_kb("VmRSS") or 0
-    hwm_ok = _reset_hwm()
-    with RssSampler() as sampler:
-        runner(work, args.draws)
-    hwm_kb = _status_kb("VmHWM") if hwm_ok else None
-    peak_kb = max(hwm_kb or 0, sampler.peak_kb)  # per-thread RSS counters reach VmHWM with a small lag
-    return {
-        "arm": args.arm, "target": args.target, "peak_bytes": (peak_kb - base_kb) * 1024,
-        "method": "VmHWM" if hwm_kb is not None else "VmRSS sampled every 5 ms",
-        "sampled_bytes": (sampler.peak_kb - base_kb) * 1024, "base_bytes": base_kb * 1024,
-    }
+    return {"arm": args.arm, "target": args.target,
+            **bench.peak_above_here(work.device, lambda: runner(work, args.draws))}
 
 
 def child_peak(target: str, arm: str, args, allocator: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--target", target] + forwarded(args)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **allocator})
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    raise RuntimeError(f"memory child for {target}/{arm} failed (exit {done.returncode}): " + " | ".join(tail))
-
-
-def forwarded(args) -> list[str]:
-    return [
-        "--model", args.model, "--data", args.data, "--batches", str(args.batches),
-        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--draws", str(args.draws),
-        "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed), "--threads", str(args.threads),
-        "--tiny-hidden", str(args.tiny_hidden), "--tiny-layers", str(args.tiny_layers),
-    ]
+    argv = ["--arm", arm, "--target", target] + bench.forward_options(args, FORWARDED)
+    return bench.run_child(__file__, argv, f"{target}/{arm}", env=allocator)
 
 
 # -- timing and comparison ---------------------------------------------------------------------------------------
 @dataclass
-class Outcome:
+class Outcome(bench.RoundTimes):
     work: Workload
-    seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})
+    seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})  # arm -> seconds per counted round
     results: dict = field(default_factory=dict)
     peak: dict = field(default_factory=dict)  # arm -> bytes, the headline allocator setting
     peak_default: dict = field(default_factory=dict)  # arm -> bytes, glibc's default allocator (CPU only)
     peak_method: str = ""
-
-    def median(self, arm: str) -> float:
-        return statistics.median(self.seconds[arm])
-
-    def ratio(self, a: str, b: str) -> float:
-        return self.median(a) / self.median(b)
 
     def mem_ratio(self, a: str, b: str) -> float:
         return self.peak[a] / self.peak[b] if self.peak.get(b) else float("nan")
@@ -340,19 +243,13 @@ class Outcome:
 
 def time_rounds(work: Workload, rounds: int, draws: int, log) -> Outcome:
     out = Outcome(work)
-    for round_index in range(rounds + 1):  # round 0 is the warm-up and is not counted
-        for arm in ARMS:
-            gc.collect()
-            _sync(work.device)
-            start = time.perf_counter()
-            result = RUNNERS[arm](work, draws)
-            _sync(work.device)
-            seconds = time.perf_counter() - start
-            if round_index:
-                out.seconds[arm].append(seconds)
-            if result is not None:
-                out.results[arm] = result
-            log(f"  {'warm-up' if not round_index else f'round {round_index}'} {arm:<5} {seconds:8.3f} s")
+    for round_index, arm in bench.interleaved(ARMS, rounds, warm_up=True):
+        result, seconds = bench.timed(work.device, lambda: RUNNERS[arm](work, draws))
+        if round_index:  # round 0 is the warm-up
+            out.seconds[arm].append(seconds)
+        if result is not None:
+            out.results[arm] = result
+        log(f"  {bench.round_label(round_index)} {arm:<5} {seconds:8.3f} s")
     return out
 
 
@@ -370,13 +267,11 @@ def report(out: Outcome) -> list[str]:
     for arm in (a for a in MEMORY_ARMS if a not in ARMS and a in out.peak):
         default = f"{out.peak_default[arm] / MB:14.1f}" if arm in out.peak_default else f"{'-':>14}"
         lines.append(f"   {arm:<10}{'(memory only)':>46}{out.peak[arm] / MB:10.1f}{default}")
-    lines.append(f"   ratios: fast/floor={out.ratio('fast', 'floor'):.2f} exact/floor={out.ratio('exact', 'floor'):.2f} "
-                 f"exact/naive={out.ratio('exact', 'naive'):.2f} fast/naive={out.ratio('fast', 'naive'):.2f} "
-                 f"naive/floor={out.ratio('naive', 'floor'):.2f}")
+    lines.append("   ratios: " + bench.figures(out.ratios(RATIOS)))
     if out.peak:
         saved = out.peak["naive"] - out.peak["exact"]
-        lines.append(f"   peak memory ({out.peak_method}): exact/naive={out.mem_ratio('exact', 'naive'):.2f} "
-                     f"fast/naive={out.mem_ratio('fast', 'naive'):.2f} exact/floor={out.mem_ratio('exact', 'floor'):.2f}; "
+        memory = bench.figures((f"{a}/{b}", out.mem_ratio(a, b)) for a, b in MEMORY_RATIOS)
+        lines.append(f"   peak memory ({out.peak_method}): {memory}; "
                      f"naive - exact = {saved / MB:.1f} MiB = {saved / out.work.weight_bytes:.2f} x candidate weights")
     lines.append(f"   fast vs exact page: spearman={out.spearman():.3f}; top site exact={out.top('exact')} "
                  f"fast={out.top('fast')}")
@@ -472,13 +367,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     if args.arm:
-        print(RESULT_TAG + json.dumps(measure_arm(args)), flush=True)
+        bench.report_to_parent(measure_arm(args))
         return 0
-
-    def log(text):
-        if not args.quiet:
-            print(text, flush=True)
-
+    log = bench.make_log(args.quiet)
     targets = ["tiny"] if args.tiny_only else ["embedded"] if args.no_tiny else ["tiny", "embedded"]
     outcomes: dict[str, Outcome] = {}
     began = time.perf_counter()
@@ -508,9 +399,9 @@ def main(argv=None) -> int:
     print(f"== targets on {main_out.work.label} (benchmark took {time.perf_counter() - began:.0f} s)")
     lines, ok = checks(main_out)
     print("\n".join(lines))
-    mem = f"{main_out.mem_ratio('exact', 'naive'):.2f}" if main_out.peak else "nan"
-    print(f"fast/floor={main_out.ratio('fast', 'floor'):.2f} exact/naive={main_out.ratio('exact', 'naive'):.2f} "
-          f"peak_mem exact/naive={mem} fast_spearman={main_out.spearman():.2f}", flush=True)
+    # mem_ratio is nan under --no-memory, which prints as "nan".
+    print(bench.figures(main_out.ratios(HEADLINE) + [("peak_mem exact/naive", main_out.mem_ratio("exact", "naive")),
+                                                     ("fast_spearman", main_out.spearman())]), flush=True)
     return 1 if args.strict and not ok else 0
 
 

@@ -39,3 +39,27 @@ def model_dir(tmp_path_factory):
     tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def invoke():
+    """Run the `placement` command line in-process: invoke("profile", "--model", ...) -> click's Result."""
+    from helpers import invoke
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error():
+    """Check a user-error exit: non-zero, one line, no traceback, naming the given words."""
+    from helpers import assert_one_line_error
+
+    return assert_one_line_error
+
+
+@pytest.fixture(scope="session")
+def make_plan():
+    """make_plan(model, strategy, scores=None) -> a Plan over a synthetic ranking of the model's sites."""
+    from helpers import make_plan
+
+    return make_plan

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_helpers import assert_one_line_error, invoke
 from placement.plan import Plan
 from tiny import tiny_model, tiny_tokenizer
 
@@ -18,7 +17,7 @@ def other_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def profiled(model_dir, tmp_path_factory):
+def profiled(invoke, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "arith"
     result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "2",
                     "--batch-size", "4", "--out", out, "--quiet", "--json")
@@ -26,7 +25,7 @@ def profiled(model_dir, tmp_path_factory):
     return out, json.loads(result.output)
 
 
-def test_sites_json_lists_every_site(model_dir):
+def test_sites_json_lists_every_site(invoke, model_dir):
     result = invoke("sites", "--model", model_dir, "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
@@ -61,7 +60,7 @@ def test_profile_writes_scores_plan_and_heatmap(profiled):
     assert len(pd.read_csv(out / "convergence.csv")) == 2
 
 
-def test_plan_top_k_and_peft_config(profiled, model_dir, tmp_path):
+def test_plan_top_k_and_peft_config(invoke, profiled, model_dir, tmp_path):
     out, _ = profiled
     result = invoke("plan", out, "--strategy", "top-k", "--k", "4", "--out", tmp_path / "top4.json",
                     "--peft-config", tmp_path / "peft", "--model", model_dir, "--json")
@@ -75,7 +74,7 @@ def test_plan_top_k_and_peft_config(profiled, model_dir, tmp_path):
     assert from_csv.exit_code == 0, from_csv.output
 
 
-def test_fast_profile_reports_page_se(model_dir, tmp_path):
+def test_fast_profile_reports_page_se(invoke, model_dir, tmp_path):
     result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1",
                     "--batch-size", "2", "--fast", "--draws", "4", "--out", tmp_path / "fast", "--quiet")
     assert result.exit_code == 0, result.output
@@ -90,7 +89,7 @@ def test_fast_profile_reports_page_se(model_dir, tmp_path):
     (["--batches", "0"], ["--batches"]),
     (["--max-length", "3"], ["--max-length"]),
 ])
-def test_profile_bad_input(model_dir, tmp_path, args, words):
+def test_profile_bad_input(invoke, assert_one_line_error, model_dir, tmp_path, args, words):
     base = {"--model": str(model_dir), "--data": "builtin:arithmetic"}
     pairs = dict(zip(args[::2], args[1::2]))
     merged = {**base, **pairs}
@@ -106,7 +105,7 @@ def test_profile_bad_input(model_dir, tmp_path, args, words):
     ('{"question": "q", "label": 1}\n', ["question", "instruction"]),
     ("{not json\n", ["cannot read"]),
 ])
-def test_profile_bad_data_files(model_dir, tmp_path, content, words):
+def test_profile_bad_data_files(invoke, assert_one_line_error, model_dir, tmp_path, content, words):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
     out = tmp_path / "out"
@@ -115,19 +114,19 @@ def test_profile_bad_data_files(model_dir, tmp_path, content, words):
     assert not out.exists()
 
 
-def test_profile_missing_data_file(model_dir, tmp_path):
+def test_profile_missing_data_file(invoke, assert_one_line_error, model_dir, tmp_path):
     result = invoke("profile", "--model", model_dir, "--data", tmp_path / "none.json", "--out", tmp_path / "o")
     assert_one_line_error(result, "not found")
 
 
-def test_plan_for_another_model_is_refused(profiled, other_model_dir, tmp_path):
+def test_plan_for_another_model_is_refused(invoke, assert_one_line_error, profiled, other_model_dir, tmp_path):
     out, _ = profiled
     result = invoke("plan", out, "--model", other_model_dir, "--out", tmp_path / "p.json")
     assert_one_line_error(result, "fingerprint")
     assert not (tmp_path / "p.json").exists()
 
 
-def test_plan_with_missing_site_is_refused(profiled, model_dir, tmp_path):
+def test_plan_with_missing_site_is_refused(invoke, assert_one_line_error, profiled, model_dir, tmp_path):
     out, _ = profiled
     data = json.loads((out / "plan.json").read_text())
     data["sites"][0]["site"] = "model.layers.9.mlp.down_proj"
@@ -137,14 +136,14 @@ def test_plan_with_missing_site_is_refused(profiled, model_dir, tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_corrupt_plan_is_refused(tmp_path):
+def test_corrupt_plan_is_refused(invoke, assert_one_line_error, tmp_path):
     (tmp_path / "plan.json").write_text('{"schema": "placement-plan/1", "model": ')
     result = invoke("plan", tmp_path, "--out", tmp_path / "p.json")
     assert_one_line_error(result, "not valid JSON")
     assert not (tmp_path / "p.json").exists()
 
 
-def test_stability_across_tasks(model_dir, tmp_path):
+def test_stability_across_tasks(invoke, model_dir, tmp_path):
     other = tmp_path / "yesno.jsonl"
     other.write_text("\n".join(json.dumps({"instruction": f"Is {i} odd?", "output": "the answer is "
                                            + str(i % 2 == 1).lower(), "answer": str(i % 2 == 1).lower()})
@@ -164,7 +163,7 @@ def test_stability_across_tasks(model_dir, tmp_path):
     assert {"page", "page_sampled", "grad_energy"} <= set(agreement.a) | set(agreement.b)
 
 
-def test_stability_needs_two_tasks(model_dir, tmp_path):
+def test_stability_needs_two_tasks(invoke, assert_one_line_error, model_dir, tmp_path):
     result = invoke("stability", "--model", model_dir, "--data", "builtin:arithmetic", "--out", tmp_path / "s")
     assert_one_line_error(result, "two or more")
     assert not (tmp_path / "s").exists()

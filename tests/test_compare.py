@@ -8,13 +8,11 @@ from peft import PeftModel
 
 from placement import data as data_mod
 from placement import evaluate as ev
-from cli_helpers import invoke
 from placement.compare import TABLE_COLUMNS, Arm, CompareSettings, parse_arms, run_compare
 from placement.errors import PlacementError
 from placement.plan import Strategy
 from placement.report import write_comparison
 from placement.train import TrainSettings
-from test_plan import make_plan
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -40,7 +38,7 @@ def boolean_examples(n):
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(make_plan, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     model, tokenizer = tiny_model("llama", num_hidden_layers=3).requires_grad_(False), tiny_tokenizer()  # as load() gives it
     base = make_plan(model, Strategy("dominant"))
@@ -123,20 +121,19 @@ def test_generation_stops_at_end_of_turn():
     assert outputs == ["", "", ""] or all(len(o) < 8 for o in outputs)
 
 
-cli = invoke  # the command line, in-process
 
 
 @pytest.fixture(scope="module")
-def plan_dir(model_dir, tmp_path_factory):
+def plan_dir(invoke, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    profile = cli("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1", "--batch-size",
+    profile = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1", "--batch-size",
                   "4", "--out", out, "--quiet")
     assert profile.exit_code == 0, profile.output
     return out
 
 
-def test_cli_train_and_compare(model_dir, plan_dir, tmp_path):
-    trained = cli("train", "--plan", plan_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
+def test_cli_train_and_compare(invoke, model_dir, plan_dir, tmp_path):
+    trained = invoke("train", "--plan", plan_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
                   "3", "--batch-size", "4", "--test", "4", "--validation", "0", "--max-new-tokens", "4", "--merge",
                   "--out", tmp_path / "t", "--quiet", "--json")
     assert trained.exit_code == 0, trained.output
@@ -144,7 +141,7 @@ def test_cli_train_and_compare(model_dir, plan_dir, tmp_path):
     assert metrics["steps"] == 3 and metrics["exact_match"] is not None
     assert (tmp_path / "t" / "merged" / "config.json").is_file()
     assert not (tmp_path / "t" / "checkpoint").exists()
-    compared = cli("compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant,attn-qv",
+    compared = invoke("compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant,attn-qv",
                    "--steps", "2", "--batch-size", "4", "--batches", "1", "--test", "4", "--validation", "4",
                    "--max-new-tokens", "4", "--out", tmp_path / "c", "--quiet", "--json")
     assert compared.exit_code == 0, compared.output
@@ -160,14 +157,14 @@ def test_cli_train_and_compare(model_dir, plan_dir, tmp_path):
     (["train", "--resume"], "no checkpoint"),
     (["train", "--steps", "0"], "--steps"),
 ])
-def test_cli_bad_training_input(model_dir, plan_dir, tmp_path, args, words):
+def test_cli_bad_training_input(invoke, model_dir, plan_dir, tmp_path, args, words):
     common = ["--model", model_dir, "--data", "builtin:arithmetic", "--out", tmp_path / "o", "--quiet",
               "--test", "4", "--batch-size", "4"]
     if args[0] == "train":
         common += ["--plan", plan_dir]
     else:
         common += ["--batches", "1"]
-    result = cli(*args, *common)
+    result = invoke(*args, *common)
     assert result.exit_code != 0
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.output, result.output

@@ -15,13 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, invoke
 from placement import models, outputs
 from placement.train import trainer as train_mod
 from placement.errors import PlacementError
 from placement.plan import Plan, Strategy
 from placement.train import TrainSettings, latest_checkpoint, train
-from test_plan import make_plan
 from tiny import tiny_model, tiny_tokenizer
 
 PROFILE = ("--data", "builtin:arithmetic", "--batches", "2", "--batch-size", "4", "--max-length", "48", "--quiet")
@@ -30,7 +28,7 @@ TRAIN = ("--data", "builtin:arithmetic", "--steps", "2", "--batch-size", "4", "-
 
 
 @pytest.fixture(scope="module")
-def profile_dir(model_dir, tmp_path_factory):
+def profile_dir(invoke, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("profiled") / "run"
     result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
     assert result.exit_code == 0, result.output
@@ -46,7 +44,7 @@ def tree(folder: Path) -> dict:
 
 
 # -- the tool never deletes a file it did not write -----------------------------------------------------------------
-def test_peft_config_into_the_current_folder_keeps_every_file(profile_dir, tmp_path, monkeypatch):
+def test_peft_config_into_the_current_folder_keeps_every_file(invoke, profile_dir, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "set.json").write_text("[]")
@@ -57,7 +55,7 @@ def test_peft_config_into_the_current_folder_keeps_every_file(profile_dir, tmp_p
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def test_peft_config_into_the_profile_keeps_the_profile(profile_dir):
+def test_peft_config_into_the_profile_keeps_the_profile(invoke, assert_one_line_error, profile_dir):
     before = tree(profile_dir)
     result = invoke("plan", profile_dir, "--peft-config", profile_dir)
     assert result.exit_code == 0, result.output
@@ -73,7 +71,7 @@ def test_peft_config_into_the_profile_keeps_the_profile(profile_dir):
     (profile_dir / "adapter_config.json").unlink()
 
 
-def test_a_folder_of_someone_else_is_refused_always(model_dir, tmp_path):
+def test_a_folder_of_someone_else_is_refused_always(invoke, assert_one_line_error, model_dir, tmp_path):
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
@@ -83,7 +81,8 @@ def test_a_folder_of_someone_else_is_refused_always(model_dir, tmp_path):
     assert tree(out) == {"thesis.tex": b"years of work"}
 
 
-def test_rerun_refuses_then_overwrite_replaces_only_the_listed_files(model_dir, tmp_path):
+def test_rerun_refuses_then_overwrite_replaces_only_the_listed_files(invoke, assert_one_line_error, model_dir,
+                                                                     tmp_path):
     out = tmp_path / "run"
     first = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
     assert first.exit_code == 0, first.output
@@ -110,7 +109,7 @@ def test_rerun_refuses_then_overwrite_replaces_only_the_listed_files(model_dir, 
     assert "report.html" in run_record(out)["files"]
 
 
-def test_report_shows_only_the_files_its_run_listed(profile_dir, tmp_path):
+def test_report_shows_only_the_files_its_run_listed(invoke, profile_dir, tmp_path):
     import shutil
 
     run = tmp_path / "run"
@@ -122,7 +121,7 @@ def test_report_shows_only_the_files_its_run_listed(profile_dir, tmp_path):
     assert "How many calibration batches" not in (run / "report.html").read_text()
 
 
-def test_killed_runs_temporary_files_are_cleaned_by_the_next_run(model_dir, tmp_path):
+def test_killed_runs_temporary_files_are_cleaned_by_the_next_run(invoke, model_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".~placement.heatmap.png.a1b2.png").write_bytes(b"half")
@@ -137,7 +136,7 @@ def _train_args(profile_dir, model_dir, out, *extra):
     return ("train", "--plan", profile_dir / "plan.json", "--model", model_dir, *TRAIN, "--out", out, *extra)
 
 
-def test_checkpoint_replacement_keeps_a_complete_state_at_every_moment(tmp_path, monkeypatch):
+def test_checkpoint_replacement_keeps_a_complete_state_at_every_moment(make_plan, tmp_path, monkeypatch):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
@@ -174,7 +173,7 @@ def _examples(n):
     return data_mod.to_examples(data_mod.arithmetic_records(n, 0))
 
 
-def test_resume_refuses_another_plan_or_other_data(tmp_path):
+def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
     tokenizer = tiny_tokenizer()
     plan = make_plan(tiny_model("llama"), Strategy("dominant"))
     settings = TrainSettings(steps=4, lr=1e-2, batch_size=4, max_length=48, save_every=2)
@@ -192,7 +191,8 @@ def test_resume_refuses_another_plan_or_other_data(tmp_path):
         train(tiny_model("llama"), tokenizer, plan, _examples(16), settings, out=tmp_path, resume=True)
 
 
-def test_a_killed_training_run_resumes_and_is_never_silently_discarded(profile_dir, model_dir, tmp_path):
+def test_a_killed_training_run_resumes_and_is_never_silently_discarded(invoke, assert_one_line_error, profile_dir,
+                                                                       model_dir, tmp_path):
     out = tmp_path / "train"
     args = [str(a) for a in _train_args(profile_dir, model_dir, out)]
     args[args.index("--steps") + 1] = "1000"
@@ -231,7 +231,7 @@ def test_a_killed_training_run_resumes_and_is_never_silently_discarded(profile_d
     assert set(record["files"]) == set(tree(out)) - {"run.json"}
 
 
-def test_overwrite_replaces_a_run_with_merged_weights(profile_dir, model_dir, tmp_path):
+def test_overwrite_replaces_a_run_with_merged_weights(invoke, profile_dir, model_dir, tmp_path):
     out = tmp_path / "train"
     first = invoke(*_train_args(profile_dir, model_dir, out, "--merge"))
     assert first.exit_code == 0, first.output
@@ -266,7 +266,8 @@ def _edited_plan(profile_dir, tmp_path, edit) -> Path:
     (lambda d: d.update(targets=[]), ["targets"]),
     (lambda d: d["peft"].update(rank_pattern={d["targets"][0]: -2}), ["rank_pattern"]),
 ])
-def test_a_hand_edited_plan_that_trains_something_else_is_refused(profile_dir, model_dir, tmp_path, edit, words):
+def test_a_hand_edited_plan_that_trains_something_else_is_refused(invoke, assert_one_line_error, profile_dir, model_dir,
+                                                                  tmp_path, edit, words):
     plan = _edited_plan(profile_dir, tmp_path, edit)
     out = tmp_path / "out"
     result = invoke("train", "--plan", plan, "--model", model_dir, *TRAIN, "--out", out)
@@ -274,7 +275,7 @@ def test_a_hand_edited_plan_that_trains_something_else_is_refused(profile_dir, m
     assert not out.exists()
 
 
-def test_adapter_config_is_deterministic_and_names_the_model_as_given(profile_dir, model_dir, tmp_path):
+def test_adapter_config_is_deterministic_and_names_the_model_as_given(invoke, profile_dir, model_dir, tmp_path):
     configs = []
     for name in ("a", "b"):
         plan = invoke("plan", profile_dir, "--strategy", "top-k", "--k", "5", "--out", tmp_path / f"{name}.json")
@@ -290,7 +291,7 @@ def test_adapter_config_is_deterministic_and_names_the_model_as_given(profile_di
 
 
 # -- checked before computing ---------------------------------------------------------------------------------------
-def test_out_under_a_file_is_refused_before_the_model_loads(tmp_path):
+def test_out_under_a_file_is_refused_before_the_model_loads(invoke, assert_one_line_error, tmp_path):
     (tmp_path / "file").write_text("x")
     result = invoke("profile", "--model", "./no/such/model", *PROFILE, "--out", tmp_path / "file" / "out")
     assert_one_line_error(result, "file")
@@ -298,13 +299,13 @@ def test_out_under_a_file_is_refused_before_the_model_loads(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a place even root cannot write")
-def test_unwritable_out_is_refused_before_the_model_loads():
+def test_unwritable_out_is_refused_before_the_model_loads(invoke, assert_one_line_error):
     result = invoke("profile", "--model", "./no/such/model", *PROFILE, "--out", "/sys/placement/out")
     assert_one_line_error(result, "cannot write")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_parent_is_refused(tmp_path):
+def test_read_only_parent_is_refused(invoke, assert_one_line_error, tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o500)
@@ -315,7 +316,7 @@ def test_read_only_parent_is_refused(tmp_path):
         parent.chmod(0o700)
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_leaves_nothing(invoke, assert_one_line_error, model_dir, tmp_path, monkeypatch):
     real = os.replace
 
     def full(src, dst, *args, **kwargs):
@@ -406,7 +407,7 @@ def test_an_unwritable_cache_falls_back_to_the_gguf(fake_gguf, tmp_path, monkeyp
 
 
 # -- bad input that used to end in a traceback -------------------------------------------------------------------
-def test_data_without_answers_trains_and_evaluates_loss_only(profile_dir, model_dir, tmp_path):
+def test_data_without_answers_trains_and_evaluates_loss_only(invoke, profile_dir, model_dir, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."})
                               for i in range(40)))
@@ -428,7 +429,7 @@ def test_data_without_answers_trains_and_evaluates_loss_only(profile_dir, model_
     assert pd.read_csv(out / "comparison.csv")["exact_match"].isna().all()
 
 
-def test_small_data_works_with_the_default_held_out_sizes(profile_dir, model_dir, tmp_path):
+def test_small_data_works_with_the_default_held_out_sizes(invoke, profile_dir, model_dir, tmp_path):
     data = tmp_path / "small.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"What is {i} + 1?", "output": str(i + 1),
                                           "answer": str(i + 1)}) for i in range(32)))
@@ -448,7 +449,7 @@ def test_held_out_sizes_follow_the_data(distinct, expected):
     assert held_out_sizes(distinct, 7, 2) == (7, 2)
 
 
-def test_a_file_that_is_not_utf8_is_one_line(model_dir, tmp_path):
+def test_a_file_that_is_not_utf8_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}).encode("utf-8").replace(
         b"\\u00e9", "\u00e9".encode("latin-1")))
@@ -458,14 +459,15 @@ def test_a_file_that_is_not_utf8_is_one_line(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("alpha", ["0", "-1", "inf", "nan"])
-def test_alpha_that_is_not_positive_and_finite(model_dir, tmp_path, alpha):
+def test_alpha_that_is_not_positive_and_finite(invoke, assert_one_line_error, model_dir, tmp_path, alpha):
     result = invoke("profile", "--model", model_dir, *PROFILE, "--alpha", alpha, "--out", tmp_path / "o")
     assert_one_line_error(result, "--alpha")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])
-def test_max_new_tokens_is_checked_before_training(profile_dir, model_dir, tmp_path, command):
+def test_max_new_tokens_is_checked_before_training(invoke, assert_one_line_error, profile_dir, model_dir, tmp_path,
+                                                   command):
     head = ("train", "--plan", profile_dir) if command == "train" else ("compare", "--arms", "dominant")
     result = invoke(*head, "--model", model_dir, *TRAIN, "--max-new-tokens", "0", "--out", tmp_path / "o")
     assert_one_line_error(result, "--max-new-tokens")
@@ -474,7 +476,7 @@ def test_max_new_tokens_is_checked_before_training(profile_dir, model_dir, tmp_p
 
 @pytest.mark.parametrize("name, content", [("scores.csv", ""), ("scores.csv", "a,b\n\x00\x01,\n"),
                                            ("run.json", ""), ("run.json", "{broken")])
-def test_report_on_damaged_files_is_one_line(profile_dir, tmp_path, name, content):
+def test_report_on_damaged_files_is_one_line(invoke, assert_one_line_error, profile_dir, tmp_path, name, content):
     import shutil
 
     run = tmp_path / "run"
@@ -484,7 +486,7 @@ def test_report_on_damaged_files_is_one_line(profile_dir, tmp_path, name, conten
     assert not (run / "report.html").exists()
 
 
-def test_custom_code_without_trust_remote_code_says_which_flag(tmp_path):
+def test_custom_code_without_trust_remote_code_says_which_flag(invoke, assert_one_line_error, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
     tiny_tokenizer().save_pretrained(folder)
@@ -496,7 +498,7 @@ def test_custom_code_without_trust_remote_code_says_which_flag(tmp_path):
     assert_one_line_error(result, "--trust-remote-code")
 
 
-def test_an_arm_the_model_cannot_give_fails_before_the_probe(model_dir, tmp_path):
+def test_an_arm_the_model_cannot_give_fails_before_the_probe(invoke, assert_one_line_error, model_dir, tmp_path):
     out = tmp_path / "o"
     for arm, words in (("kappa-999", ["kappa-999", "21"]), ("last-9", ["last-9", "has 3"])):
         result = invoke("compare", "--model", model_dir, *TRAIN, "--arms", f"dominant,{arm}", "--out", out)
@@ -504,14 +506,15 @@ def test_an_arm_the_model_cannot_give_fails_before_the_probe(model_dir, tmp_path
         assert not out.exists()
 
 
-def test_a_mistyped_data_path_is_a_missing_file(model_dir, tmp_path, monkeypatch):
+def test_a_mistyped_data_path_is_a_missing_file(invoke, assert_one_line_error, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("profile", "--model", model_dir, *PROFILE, "--data", "data/good.jsnl", "--out", "o")
     assert_one_line_error(result, "data/good.jsnl", "not found")
 
 
 # -- what a newcomer hit ------------------------------------------------------------------------------------------
-def test_plan_takes_a_plan_file_previews_and_lists_targets_by_rank(profile_dir, tmp_path):
+def test_plan_takes_a_plan_file_previews_and_lists_targets_by_rank(invoke, assert_one_line_error, profile_dir,
+                                                                   tmp_path):
     result = invoke("plan", profile_dir / "plan.json", "--strategy", "top-k", "--k", "2", "--out", tmp_path / "k2.json")
     assert result.exit_code == 0, result.output
     ranked = list(pd.read_csv(profile_dir / "scores.csv")["site"][:2])

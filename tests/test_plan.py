@@ -12,31 +12,8 @@ from placement.errors import PlacementError
 from placement.plan import SCHEMA, STRATEGIES, Plan, Strategy, select
 from placement.ranking import concentration, rank
 from placement.sites import find_sites, fingerprint
+from helpers import PEFT, R, make_plan, ranked_rows  # noqa: F401
 from tiny import tiny_model
-
-R = 4
-PEFT = dict(task_type="CAUSAL_LM", r=R, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=True,
-            use_rslora=False)
-
-
-def ranked_rows(sites, scores):
-    """Site rows as a profile writes them: sorted by rank, with plain Python values."""
-    frame = pd.DataFrame([s.to_dict() | {"page": score} for s, score in zip(sites, scores)])
-    ranked = rank(frame.rename(columns={"name": "site"}))
-    rows = ranked[["site", "layer", "role", "d_in", "d_out", "score", "share", "rank"]].to_dict("records")
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in rows], ranked
-
-
-def make_plan(model, strategy, scores=None, **kwargs):
-    sites = find_sites(model)
-    if scores is None:
-        scores = np.random.default_rng(0).permutation(len(sites)) + 1.0
-    rows, ranked = ranked_rows(sites, scores)
-    block = {"name": "tiny", "architecture": type(model).__name__, "num_layers": max(s.layer for s in sites) + 1,
-             "num_sites": len(sites), "fingerprint": fingerprint(sites)}
-    return Plan.build(model=block, probe={"score": "page", "r": R}, sites=rows, strategy=strategy, peft=dict(PEFT),
-                      concentration=concentration(ranked), **kwargs)
-
 
 @pytest.fixture(scope="module")
 def llama():

@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from placement import data as data_mod
 from placement.plan import Strategy
 from placement.train import TrainError, TrainSettings, apply_plan, save_adapter, train, write_run, run_metrics
-from test_plan import make_plan
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -26,7 +25,7 @@ def settings(**overrides):
     return TrainSettings(**(base | overrides))
 
 
-def test_memorisation_loss_falls(tokenizer):
+def test_memorisation_loss_falls(make_plan, tokenizer):
     # Larger initial weights than a pretrained-style init: with std 0.02 the head maps every hidden state to
     # near-uniform logits that no adapter inside the blocks can sharpen in a few steps.
     model = tiny_model("llama", hidden_size=32, intermediate_size=48, num_attention_heads=4, initializer_range=0.3)
@@ -39,7 +38,7 @@ def test_memorisation_loss_falls(tokenizer):
     assert run.lrs[-1] < run.lrs[3]
 
 
-def test_only_adapters_train_and_nothing_below_the_lowest_adapted_layer(tokenizer):
+def test_only_adapters_train_and_nothing_below_the_lowest_adapted_layer(make_plan, tokenizer):
     model = tiny_model("llama", num_hidden_layers=3)
     plan = make_plan(model, Strategy("last-k", k=1))
     fired = []
@@ -51,7 +50,7 @@ def test_only_adapters_train_and_nothing_below_the_lowest_adapted_layer(tokenize
     assert not run.model.get_input_embeddings().weight.requires_grad
 
 
-def test_adapter_round_trip_gives_the_same_logits(tokenizer, tmp_path):
+def test_adapter_round_trip_gives_the_same_logits(make_plan, tokenizer, tmp_path):
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("top-k", k=3))
     run = train(model, tokenizer, plan, examples(), settings(steps=4))
@@ -68,7 +67,7 @@ def test_adapter_round_trip_gives_the_same_logits(tokenizer, tmp_path):
     assert not torch.allclose(found, untrained, atol=1e-4)
 
 
-def test_gpt2_conv1d_adapter_round_trip(tokenizer, tmp_path):
+def test_gpt2_conv1d_adapter_round_trip(make_plan, tokenizer, tmp_path):
     model = tiny_model("gpt2")
     plan = make_plan(model, Strategy("dominant"))
     run = train(model, tokenizer, plan, examples(), settings(steps=3))
@@ -79,7 +78,7 @@ def test_gpt2_conv1d_adapter_round_trip(tokenizer, tmp_path):
     assert type(loaded.base_model.model).__name__ == "GPT2LMHeadModel"
 
 
-def test_resume_ends_with_the_same_adapter(tokenizer, tmp_path):
+def test_resume_ends_with_the_same_adapter(make_plan, tokenizer, tmp_path):
     def adapter_after(out, stop_at=None, resume=False):
         model = tiny_model("llama")
         plan = make_plan(model, Strategy("all-linear"))
@@ -103,7 +102,7 @@ def test_resume_ends_with_the_same_adapter(tokenizer, tmp_path):
         assert torch.equal(whole[key], resumed[key]), key
 
 
-def test_resume_without_checkpoint_or_with_other_settings_is_refused(tokenizer, tmp_path):
+def test_resume_without_checkpoint_or_with_other_settings_is_refused(make_plan, tokenizer, tmp_path):
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
     with pytest.raises(TrainError, match="no checkpoint"):
@@ -121,7 +120,7 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(tokenizer, 
               out=tmp_path, resume=True)
 
 
-def test_non_finite_loss_names_the_step(tokenizer):
+def test_non_finite_loss_names_the_step(make_plan, tokenizer):
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
     with torch.no_grad():
@@ -155,7 +154,7 @@ def test_task_splits_never_train_on_a_test_prompt():
     assert not keys(test) & keys(train_set)
 
 
-def test_rank_override_keeps_alpha_over_r():
+def test_rank_override_keeps_alpha_over_r(make_plan):
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
     bigger = plan.with_strategy(Strategy("dominant"), r=16)
