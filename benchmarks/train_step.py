@@ -49,20 +49,17 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# This folder first on sys.path, so the shared helper is found however the script is started (as a file from
+# anywhere, or with -m from the repository root); importing it puts the repository root on sys.path too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -76,14 +73,22 @@ from placement.sites import find_blocks, find_sites, num_layers  # noqa: E402
 from placement.train import TrainSettings, train  # noqa: E402
 
 ARMS = ("ours:dominant", "plain:dominant", "depth-bound:dominant", "ours:all-linear", "plain:all-linear")
-RESULT_TAG = "TRAIN_STEP_ARM "
-MB = 1024 * 1024
 POOL = 512  # training examples handed to every arm
 PROBE_BATCHES = 2
 
 # Targets.
 OURS_OVER_PLAIN = 0.85
 DOMINANT_OVER_DEPTH_BOUND = 1.05
+
+# The options a memory child needs to build the same workload as the timing run (the site is added apart: it is
+# the one the parent's probe chose, which --site may not have named).
+FORWARDED = ("model", "data", "steps_per_round", "batch_size", "max_length", "device", "dtype", "seed", "threads")
+# (printed name, arm, arm): the ratios in the report and in the last line. OURS_VS_PLAIN are the pairs that train
+# the same plan, the only ones whose peak memory is compared as well.
+OURS_VS_PLAIN = (("dominant ours/plain", "ours:dominant", "plain:dominant"),
+                 ("all-linear ours/plain", "ours:all-linear", "plain:all-linear"))
+HEADLINE = OURS_VS_PLAIN + (("dominant/depth_bound", "ours:dominant", "depth-bound:dominant"),
+                            ("dominant/all-linear", "ours:dominant", "ours:all-linear"))
 
 
 # -- the workload ------------------------------------------------------------------------------------------------
@@ -95,11 +100,6 @@ class Workload:
     source: ModelSource
     examples: list
     device: torch.device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(args) -> Workload:
@@ -173,19 +173,10 @@ class ArmRun:
     train_seconds: list = field(default_factory=list)  # TrainResult.seconds of the timed steps (ours arms only)
 
 
-def _between(stamps: list) -> list:
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
 def run_ours(job: Job, plan_name: str) -> ArmRun:
-    stamps = []
-
-    def on_step(done, value):
-        _sync(job.device)
-        stamps.append(time.perf_counter())
-
-    result = train(job.model, job.tokenizer, job.plans[plan_name], job.examples, job.settings, on_step=on_step)
-    return ArmRun(_between(stamps), result.losses, result.seconds[1:])
+    clock = bench.StepClock(job.device)
+    result = train(job.model, job.tokenizer, job.plans[plan_name], job.examples, job.settings, on_step=clock.tick)
+    return ArmRun(clock.steps(), result.losses, result.seconds[1:])
 
 
 def run_plain(job: Job, plan_name: str) -> ArmRun:
@@ -201,7 +192,7 @@ def run_plain(job: Job, plan_name: str) -> ArmRun:
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     model.train()
-    stamps, losses = [], []
+    clock, losses = bench.StepClock(job.device), []
     for batch in job.batches:
         batch = batch.to(job.device)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -211,10 +202,9 @@ def run_plain(job: Job, plan_name: str) -> ArmRun:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(job.device)
-        stamps.append(time.perf_counter())
+        clock.tick()
     model.eval()
-    return ArmRun(_between(stamps), losses)
+    return ArmRun(clock.steps(), losses)
 
 
 def _cut_below(module, args, kwargs):
@@ -231,19 +221,18 @@ def run_depth_bound(job: Job, plan_name: str) -> ArmRun:
     handle = block.register_forward_pre_hook(_cut_below, with_kwargs=True)
     model = job.model
     model.train()
-    stamps, losses = [], []
+    clock, losses = bench.StepClock(job.device), []
     try:
         for batch in job.batches:
             batch = batch.to(job.device)
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             losses.append(float(loss.detach()))
             loss.backward()
-            _sync(job.device)
-            stamps.append(time.perf_counter())
+            clock.tick()
     finally:
         handle.remove()
         model.eval()
-    return ArmRun(_between(stamps), losses)
+    return ArmRun(clock.steps(), losses)
 
 
 RUNNERS = {"ours": run_ours, "plain": run_plain, "depth-bound": run_depth_bound}
@@ -284,64 +273,44 @@ def measure_arm(args) -> dict:
     return {"arm": args.arm, "peak_mib": peak.mib, "method": method}
 
 
-def forwarded(args, site: str) -> list[str]:
-    out = ["--model", args.model, "--data", args.data, "--steps-per-round", str(args.steps_per_round),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--device", args.device,
-           "--dtype", args.dtype, "--seed", str(args.seed), "--site", site]
-    if args.threads:
-        out += ["--threads", str(args.threads)]
-    if args.tiny:
-        out.append("--tiny")
-    return out
-
-
 def child_peak(arm: str, site: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm] + forwarded(args, site)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    raise RuntimeError(f"memory child for {arm} failed (exit {done.returncode}): " + " | ".join(tail))
+    """Peak memory of one arm in a fresh process, which inherits this one's environment and so its allocator
+    settings; --threads 0 is forwarded as it is and keeps torch's default there too."""
+    argv = ["--arm", arm, "--site", site] + bench.forward_options(args, FORWARDED, flags=("tiny",))
+    return bench.run_child(__file__, argv, arm)
 
 
 # -- timing and report -------------------------------------------------------------------------------------------
 @dataclass
-class Outcome:
+class Outcome(bench.RoundTimes):
     work: Workload
     plans: dict
     layer: int
     layers: int
     probe_seconds: float | None
-    per_round: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})  # mean timed step per round
+    seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})  # mean timed step per round
     train_seconds: dict = field(default_factory=lambda: {arm: [] for arm in ARMS})
     losses: dict = field(default_factory=dict)  # arm -> losses of the last round
     peak: dict = field(default_factory=dict)  # arm -> MiB
     peak_method: str = ""
 
-    def median(self, arm: str) -> float:
-        return statistics.median(self.per_round[arm])
-
-    def ratio(self, a: str, b: str) -> float:
-        return self.median(a) / self.median(b)
-
 
 def time_rounds(work: Workload, plans: dict, args, out: Outcome, log) -> None:
     settings = settings_for(args, args.steps_per_round + 1)
-    for round_index in range(1, args.rounds + 1):
-        for arm in ARMS:
-            job = make_job(work, plans, settings, copy.deepcopy(work.model))
-            gc.collect()
-            run = run_arm(arm, job)
-            job.model = None
-            del job
-            gc.collect()
-            mean = statistics.fmean(run.step_seconds)
-            out.per_round[arm].append(mean)
-            if run.train_seconds:
-                out.train_seconds[arm].append(statistics.fmean(run.train_seconds))
-            out.losses[arm] = run.losses
-            log(f"  round {round_index} {arm:<21} {mean:8.3f} s/step")
+    # No warm-up round: every arm call warms up on its own first step, which StepClock leaves out.
+    for round_index, arm in bench.interleaved(ARMS, args.rounds):
+        job = make_job(work, plans, settings, copy.deepcopy(work.model))
+        gc.collect()
+        run = run_arm(arm, job)
+        job.model = None
+        del job
+        gc.collect()
+        mean = statistics.fmean(run.step_seconds)
+        out.seconds[arm].append(mean)
+        if run.train_seconds:
+            out.train_seconds[arm].append(statistics.fmean(run.train_seconds))
+        out.losses[arm] = run.losses
+        log(f"  {bench.round_label(round_index)} {arm:<21} {mean:8.3f} s/step")
 
 
 def report(out: Outcome, args) -> list[str]:
@@ -358,7 +327,7 @@ def report(out: Outcome, args) -> list[str]:
         f"   {'arm':<22}{'median s':>10}{'min s':>9}{'max s':>9}{'peak MiB':>10}",
     ]
     for arm in ARMS:
-        times = out.per_round[arm]
+        times = out.seconds[arm]
         peak = f"{out.peak[arm]:10.1f}" if arm in out.peak else f"{'-':>10}"
         lines.append(f"   {arm:<22}{out.median(arm):10.3f}{min(times):9.3f}{max(times):9.3f}{peak}")
     if out.peak:
@@ -370,16 +339,11 @@ def report(out: Outcome, args) -> list[str]:
         ours, plain = out.losses[f"ours:{plan_name}"], out.losses[f"plain:{plan_name}"]
         gap = max(abs(a - b) for a, b in zip(ours, plain))
         lines.append(f"   {plan_name} losses, ours vs plain, same batches and lora_A: max |difference| {gap:.1e}")
-    lines.append(f"   ratios: dominant ours/plain={out.ratio('ours:dominant', 'plain:dominant'):.2f} "
-                 f"all-linear ours/plain={out.ratio('ours:all-linear', 'plain:all-linear'):.2f} "
-                 f"dominant/depth_bound={out.ratio('ours:dominant', 'depth-bound:dominant'):.2f} "
-                 f"dominant/all-linear={out.ratio('ours:dominant', 'ours:all-linear'):.2f} "
-                 f"(dominant layer {out.layer} of {out.layers}: backward reaches "
-                 f"{out.layers - out.layer} of {out.layers} layers)")
+    lines.append(f"   ratios: {bench.figures(out.ratios(HEADLINE))} (dominant layer {out.layer} of {out.layers}: "
+                 f"backward reaches {out.layers - out.layer} of {out.layers} layers)")
     if out.peak:
-        lines.append("   peak memory ratios: "
-                     f"dominant ours/plain={out.peak['ours:dominant'] / out.peak['plain:dominant']:.2f} "
-                     f"all-linear ours/plain={out.peak['ours:all-linear'] / out.peak['plain:all-linear']:.2f}")
+        memory = bench.figures((name, out.peak[a] / out.peak[b]) for name, a, b in OURS_VS_PLAIN)
+        lines.append(f"   peak memory ratios: {memory}")
     return lines
 
 
@@ -437,13 +401,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.arm:
-        print(RESULT_TAG + json.dumps(measure_arm(args)), flush=True)
+        bench.report_to_parent(measure_arm(args))
         return 0
-
-    def log(text):
-        if not args.quiet:
-            print(text, flush=True)
-
+    log = bench.make_log(args.quiet)
     began = time.perf_counter()
     work = build(args)
     dominant, probe_seconds = dominant_plan(work, args)
@@ -464,10 +424,7 @@ def main(argv=None) -> int:
     lines, ok = checks(out)
     print(f"== targets (benchmark took {time.perf_counter() - began:.0f} s)")
     print("\n".join(lines))
-    print(f"dominant ours/plain={out.ratio('ours:dominant', 'plain:dominant'):.2f} "
-          f"all-linear ours/plain={out.ratio('ours:all-linear', 'plain:all-linear'):.2f} "
-          f"dominant/depth_bound={out.ratio('ours:dominant', 'depth-bound:dominant'):.2f} "
-          f"dominant/all-linear={out.ratio('ours:dominant', 'ours:all-linear'):.2f}", flush=True)
+    print(bench.figures(out.ratios(HEADLINE)), flush=True)
     return 1 if args.strict and not ok else 0
 
 

@@ -1,10 +1,15 @@
 """What the tests share: the command line run in-process, what a user-error exit must look like, and plans made
 from a synthetic ranking. conftest.py hands each out as a fixture of the same name."""
+import copy
+
 import numpy as np
 import pandas as pd
+import torch
 from click.testing import CliRunner
+from peft import LoraConfig, get_peft_model
 
 from placement.cli import main
+from placement.model.loss import token_loss
 from placement.plan import Plan
 from placement.ranking import concentration, rank
 from placement.sites import find_sites, fingerprint
@@ -46,3 +51,15 @@ def make_plan(model, strategy, scores=None, **kwargs):
              "num_sites": len(sites), "fingerprint": fingerprint(sites)}
     return Plan.build(model=block, probe={"score": "page", "r": R}, sites=rows, strategy=strategy, peft=dict(PEFT),
                       concentration=concentration(ranked), **kwargs)
+
+
+def peft_lora_b_energy(model, site, batch, r, alpha, seed, use_rslora=False):
+    """||grad lora_B||^2 of a real PEFT model with one LoRA at `site`, same seed and batch."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=[site], r=r, lora_alpha=alpha, use_rslora=use_rslora))
+    peft_model.eval()
+    loss = token_loss(peft_model.base_model.model, batch)
+    loss.backward()
+    layer = peft_model.base_model.model.get_submodule(site)
+    return float(layer.lora_B["default"].weight.grad.double().pow(2).sum())

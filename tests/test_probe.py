@@ -1,28 +1,14 @@
 """The probe against PEFT as the oracle, against Monte Carlo, and its promises about memory and state."""
-import copy
-
 import numpy as np
 import pytest
 import torch
-from conftest import random_batch
-from peft import LoraConfig, get_peft_model
 
+from conftest import random_batch
+from helpers import peft_lora_b_energy
 from placement import scores
 from placement.probe import ProbeSettings, probe, token_loss
 from placement.sites import find_sites
 from tiny import FAMILIES, tiny_model
-
-
-def peft_lora_b_energy(model, site, batch, r, alpha, seed, use_rslora=False):
-    """||grad lora_B||^2 of a real PEFT model with one LoRA at `site`, same seed and batch."""
-    model = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(target_modules=[site], r=r, lora_alpha=alpha, use_rslora=use_rslora))
-    peft_model.eval()
-    loss = token_loss(peft_model.base_model.model, batch)
-    loss.backward()
-    layer = peft_model.base_model.model.get_submodule(site)
-    return float(layer.lora_B["default"].weight.grad.double().pow(2).sum())
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
