@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from .cli_options import (compare_options, demo_options, model_options, output_options, plan_options, probe_options,
-                          stability_options, strategy_options, train_command_options, user_errors, writes_run)
+from .cli_options import (ModelArgs, compare_options, demo_options, model_options, output_options, plan_options,
+                          probe_options, stability_options, strategy_options, train_command_options, user_errors,
+                          writes_run)
 from .outputs import finite, json_text, run_folder
 
 
-def _load(model, dtype="float32", device="cpu", trust_remote_code=False, quiet=True):
+def _load(args: ModelArgs, quiet=True):
     from .model import load
 
     if not quiet:
-        click.echo(f"loading {model} ...", err=True)
-    return load.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=quiet)
+        click.echo(f"loading {args.model} ...", err=True)
+    return load.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                     quiet=quiet)
 
 
 def _emit(summary: dict, lines: list[str], as_json: bool) -> None:
@@ -45,13 +48,13 @@ def _splits(data, eval_data, n_test, n_validation, seed, quiet):
     return splits
 
 
-def _comparison(out, overwrite, load_args, data, splits, base, probe_settings, batches, quiet, settings, make_report,
-                then=None):
+def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_settings, batches, quiet, settings,
+                make_report, then=None):
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
     with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(*load_args, quiet=quiet)
+        lm, tokenizer, source = _load(model, quiet)
         comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, out, base=base,
                                           probe_settings=probe_settings, batches=batches, progress=not quiet,
                                           log=_log(quiet))
@@ -73,36 +76,32 @@ def main():
 @output_options
 @click.option("--include-routers", is_flag=True, help="also list mixture-of-experts routers")
 @user_errors
-def sites(model, dtype, device, trust_remote_code, as_json, quiet, include_routers):
+def sites(model, as_json, quiet, include_routers):
     """List the candidate adapter sites: every linear map inside the decoder blocks."""
     from .model.sites import find_sites, site_table
 
-    found = find_sites(_load(model, dtype, device, trust_remote_code)[0], include_routers=include_routers)
+    found = find_sites(_load(model)[0], include_routers=include_routers)
     _emit([s.to_row() for s in found], site_table(found), as_json)
 
 
 @main.command()
 @probe_options
 @writes_run
-def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, max_length, seed, rank, alpha,
-            rslora, fast, draws, score, checkpointing, bootstrap, strategy, k, max_params, strategy_seed, out,
-            overwrite, make_report, as_json, quiet):
+def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rslora, fast, draws, score, checkpointing,
+            bootstrap, strategy, out, overwrite, make_report, as_json, quiet):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .data import load_examples
-    from .plan import Strategy
     from .probe import ProbeSettings
     from .study.profile import run_profile, summary_lines, write_profile
 
-    chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
-    chosen.check()
     settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
                              use_rslora=rslora, checkpointing=checkpointing)
     settings.check()
     examples = load_examples(data, seed)  # read the data before the model: a bad file fails in a second
     with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
+        lm, tokenizer, source = _load(model, quiet)
         result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size,
-                             max_length=max_length, settings=settings, score=score, strategy=chosen,
+                             max_length=max_length, settings=settings, score=score, strategy=strategy,
                              progress=not quiet, examples=examples, bootstrap=bootstrap)
         write_profile(result, out, title=f"{source.name} on {data}: {score}")
         _finish(out, make_report)
@@ -116,18 +115,14 @@ def profile(model, dtype, device, trust_remote_code, data, batches, batch_size, 
 @plan_options
 @output_options
 @user_errors
-def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, trust_remote_code, out, peft_config,
-             overwrite, as_json, quiet):
+def plan_cmd(source, strategy, rank, check_model, trust_remote_code, out, peft_config, overwrite, as_json, quiet):
     """Make a placement plan from a profile's folder, its scores.csv or a plan file; without --out or --peft-config
     print the plan JSON."""
-    from .plan import Strategy
     from .plan.export import export, plan_from_source
 
-    chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
-    chosen.check()
-    new = plan_from_source(source, rank).with_strategy(chosen)
+    new = plan_from_source(source, rank).with_strategy(strategy)
     if check_model:
-        new.check(_load(check_model, trust_remote_code=trust_remote_code)[0])
+        new.check(_load(ModelArgs(check_model, trust_remote_code=trust_remote_code))[0])
     if not out and not peft_config:
         return click.echo(json_text(new.to_json()), nl=False)
     _emit(*export(new, out, peft_config, overwrite), as_json)
@@ -136,8 +131,7 @@ def plan_cmd(source, strategy, k, max_params, strategy_seed, rank, check_model, 
 @main.command()
 @stability_options
 @writes_run
-def stability(model, dtype, device, trust_remote_code, datas, batches, batch_size, max_length, seed, top_k, out,
-              overwrite, make_report, as_json, quiet):
+def stability(model, datas, batches, batch_size, max_length, seed, top_k, out, overwrite, make_report, as_json, quiet):
     """Probe one model on several tasks and say how far their site rankings agree (Spearman, Kendall, top-1, top-k)."""
     from .data import load_examples
     from .study.stability import run_stability, stability_summary, task_names
@@ -145,7 +139,7 @@ def stability(model, dtype, device, trust_remote_code, datas, batches, batch_siz
     task_names(list(datas))
     examples = {d: load_examples(d, seed) for d in datas}  # every file is read before the model loads
     with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(model, dtype, device, trust_remote_code, quiet)
+        lm, tokenizer, source = _load(model, quiet)
         table, names, tops = run_stability(lm, tokenizer, source, examples, out, batches=batches,
                                            batch_size=batch_size, max_length=max_length, seed=seed, top_k=top_k,
                                            progress=not quiet)
@@ -167,9 +161,8 @@ def report(run_dir):
 @train_command_options
 @output_options
 @user_errors
-def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_data, n_test, n_validation, steps, lr,
-              batch_size, max_length, seed, max_new_tokens, rank, save_every, resume, merge, out, overwrite, as_json,
-              quiet):
+def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed,
+              max_new_tokens, rank, save_every, resume, merge, out, overwrite, as_json, quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from .plan import Plan
     from .train import TrainSettings, checkpoint_refusal
@@ -180,12 +173,12 @@ def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_dat
                              save_every=save_every)
     settings.check(max_new_tokens)
     train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed, quiet)
-    model_name = model or chosen.model.get("name")
+    model = replace(model, model=model.model or chosen.model.get("name"))
     with run_folder(out, overwrite=overwrite, resume=resume, keep_on_error=("checkpoints/",),
                     refusal_hint=checkpoint_refusal(out)):
-        lm, tokenizer, _ = _load(model_name, dtype, device, trust_remote_code, quiet)
+        lm, tokenizer, _ = _load(model, quiet)
         run, result, metrics = train_and_evaluate(
-            lm, tokenizer, chosen, train_set, test_set, settings, out=out, model_name=model_name,
+            lm, tokenizer, chosen, train_set, test_set, settings, out=out, model_name=model.model,
             max_new_tokens=max_new_tokens, resume=resume, merge=merge, progress=not quiet,
             extra={"data": data, "eval_data": eval_data})
     _emit(metrics, summary_lines(run, result, chosen, test_set, out, merge), as_json)
@@ -194,9 +187,8 @@ def train_cmd(plan_path, model, dtype, device, trust_remote_code, data, eval_dat
 @main.command()
 @compare_options
 @writes_run
-def compare(model, dtype, device, trust_remote_code, data, eval_data, n_test, n_validation, steps, lr, batch_size,
-            max_length, seed, max_new_tokens, arms, rank, alpha, scores, batches, lr_sweep, sweep_arms, out,
-            overwrite, make_report, as_json, quiet):
+def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed, max_new_tokens, arms,
+            rank, alpha, scores, batches, lr_sweep, sweep_arms, out, overwrite, make_report, as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
     from .study.compare import CompareSettings, compare_inputs
@@ -209,7 +201,7 @@ def compare(model, dtype, device, trust_remote_code, data, eval_data, n_test, n_
     splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
     parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens)
     comparison, base = _comparison(
-        out, overwrite, (model, dtype, device, trust_remote_code), data, splits, base, probe_settings, batches, quiet,
+        out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
         CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, max_new_tokens=max_new_tokens),
         make_report)
     _emit({"dominant_site": base.dominant_site, "out": out, "rows": comparison.table.to_dict("records")},
@@ -232,9 +224,11 @@ def demo(out, batches, steps, n_test, arms, as_json, quiet):
     settings.check()
     splits = _splits(data, None, n_test, 32, 0, quiet)
     parsed, _, _ = compare_inputs(arms, splits, False, None, None, 12)
-    top4 = lambda base: base.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "profile" / "top4.json")  # noqa: E731
-    comparison, base = _comparison(out, True, ("smollm2-135m",), data, splits, None, ProbeSettings(), batches, quiet,
-                                   CompareSettings(parsed, settings, max_new_tokens=12), True, then=top4)
+    def top4(base):
+        base.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "profile" / "top4.json")
+
+    comparison, base = _comparison(out, True, ModelArgs("smollm2-135m"), data, splits, None, ProbeSettings(), batches,
+                                   quiet, CompareSettings(parsed, settings, max_new_tokens=12), True, then=top4)
     _emit(*demo_summary(comparison, base, out), as_json)
 
 

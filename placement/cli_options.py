@@ -3,6 +3,7 @@ and the per-command bundles: `cli.py` composes them and keeps only the commands.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import click
 
@@ -30,15 +31,56 @@ def options(*decorators):
     return apply
 
 
+def grouped(name: str, build, *decorators):
+    """A settings group: its options arrive in the command as one argument `name`, `build(**their values)`, so a
+    command's signature lists groups, not every flag."""
+    def probe():
+        pass
+
+    options(*decorators)(probe)
+    keys = [param.name for param in probe.__click_params__]
+
+    def apply(fn):
+        @functools.wraps(fn)
+        @user_errors  # building the group may refuse its values, before the command's own user_errors runs
+        def wrapper(*args, **kwargs):
+            kwargs[name] = build(**{key: kwargs.pop(key) for key in keys})
+            return fn(*args, **kwargs)
+        return options(*decorators)(wrapper)
+    return apply
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which model to load and how (`--model`, `--dtype`, `--device`, `--trust-remote-code`)."""
+
+    model: str | None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+def _strategy(strategy: str, k, max_params, strategy_seed):
+    from .plan.strategies import Strategy
+
+    chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
+    chosen.check()
+    return chosen
+
+
 MODEL_HELP = "smollm2-135m (embedded, no network), a hub id, a local model folder or a .gguf file"
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 
-model_options = options(
-    click.option("--model", default="smollm2-135m", show_default=True, help=MODEL_HELP),
-    click.option("--dtype", default="float32", show_default=True, type=DTYPES),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto"),
-    click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from its folder or hub repo"))
+_dtype = click.option("--dtype", default="float32", show_default=True, type=DTYPES)
+_device = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+_trust = click.option("--trust-remote-code", is_flag=True,
+                      help="allow the model's own code from its folder or hub repo")
+model_options = grouped("model", ModelArgs, click.option("--model", default="smollm2-135m", show_default=True,
+                                                         help=MODEL_HELP), _dtype, _device, _trust)
+plan_model_options = grouped("model", ModelArgs, click.option("--model", default=None,
+                                                              help="default: the plan's model. " + MODEL_HELP),
+                             _dtype, _device, _trust)
 output_options = options(
     click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary as JSON"),
     click.option("--quiet", is_flag=True, help="no progress bars"))
@@ -46,7 +88,8 @@ run_options = options(
     click.option("--out", required=True, type=click.Path(), help="output folder (a run folder, see run.json)"),
     click.option("--overwrite", is_flag=True, help="replace an earlier run of placement in --out (only its files)"),
     click.option("--report", "make_report", is_flag=True, help="also write OUT/report.html"))
-strategy_options = options(
+strategy_options = grouped(
+    "strategy", _strategy,
     click.option("--strategy", default="dominant", show_default=True, type=click.Choice(STRATEGIES),
                  help=strategy_help()),
     click.option("--k", type=int, default=None, help="sites for top-k, layers for last-k"),
@@ -88,7 +131,8 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
 
 plan_options = options(  # plan: rank, model check and the files it writes
     click.option("--r", "rank", type=int, default=None, help="LoRA rank of the plan (default: the probe's)"),
-    click.option("--model", "check_model", default=None, help="check the plan against this model first (" + MODEL_HELP + ")"),
+    click.option("--model", "check_model", default=None,
+                 help="check the plan against this model first (" + MODEL_HELP + ")"),
     click.option("--trust-remote-code", is_flag=True, help="allow the model's own code when checking --model"),
     click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan JSON here"),
     click.option("--peft-config", type=click.Path(file_okay=False), default=None,
@@ -97,17 +141,15 @@ plan_options = options(  # plan: rank, model check and the files it writes
 
 stability_options = options(  # stability: the model and the tasks
     model_options,
-    click.option("--data", "datas", required=True, multiple=True, help="a task, given twice or more: same forms as profile's --data"),
+    click.option("--data", "datas", required=True, multiple=True,
+                 help="a task, given twice or more: same forms as profile's --data"),
     click.option("--batches", type=int, default=8, show_default=True, help="calibration batches per task"),
     batch_options,
     click.option("--k", "top_k", type=int, default=5, show_default=True, help="size of the top-k sets compared"))
 
 train_command_options = options(  # train: the plan, the model, the data, the run
     click.option("--plan", "plan_path", required=True, type=click.Path(), help="a plan.json or a profile's folder"),
-    click.option("--model", default=None, help="default: the plan's model. " + MODEL_HELP),
-    click.option("--dtype", default="float32", show_default=True, type=DTYPES),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto"),
-    click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from its folder or hub repo"),
+    plan_model_options,
     data_split_options,
     train_options,
     click.option("--r", "rank", type=int, default=None, help="LoRA rank (default: the plan's)"),
@@ -124,7 +166,8 @@ compare_options = options(  # compare: the model, data and training, the arms an
     click.option("--arms", default="dominant,all-linear,attn-qv,ffn,last-2,random-1,top-4", show_default=True,
                   help="comma-separated: " + arm_help()),
     click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of arms without :rN"),
-    click.option("--alpha", type=float, default=16, show_default=True, help="LoRA alpha at rank --r (alpha / r is kept)"),
+    click.option("--alpha", type=float, default=16, show_default=True,
+                 help="LoRA alpha at rank --r (alpha / r is kept)"),
     click.option("--scores", type=click.Path(), default=None, help="a profile's folder or plan.json instead of probing"),
     click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
     click.option("--lr-sweep", is_flag=True, help="try 1e-4, 3e-4, 1e-3, 3e-3 per arm, keep the best validation loss"),

@@ -58,7 +58,8 @@ def make_dirs(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError as err:
-        raise PlacementError(f"cannot write {path}: a file stands where a folder is needed; pass another --out") from err
+        raise PlacementError(f"cannot write {path}: a file stands where a folder is needed; "
+                             "pass another --out") from err
     except OSError as err:
         raise disk_error(err, path) from err
 

@@ -84,7 +84,8 @@ def _check_utf8(path: Path, spec: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                raise DataError(f"data file {spec} is not UTF-8 text (byte {offset + err.start}): save it as UTF-8") from err
+                raise DataError(f"data file {spec} is not UTF-8 text (byte {offset + err.start}): "
+                                "save it as UTF-8") from err
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)

@@ -168,7 +168,8 @@ def cached_gguf(gguf: Path, name: str, quiet: bool = True) -> Path | None:
             _dequantise_to_cache(gguf, target, quiet)
             return target
     except (OSError, Timeout) as err:
-        warnings.warn(f"cannot use the model cache {cache_root()} ({err.strerror if isinstance(err, OSError) else err}): "
+        reason = err.strerror if isinstance(err, OSError) else err
+        warnings.warn(f"cannot use the model cache {cache_root()} ({reason}): "
                       "loading from the GGUF directly, which is slower; set PLACEMENT_CACHE to a writable folder")
         return None
 

@@ -140,7 +140,8 @@ def read_plan(path: str | Path) -> tuple[Path, dict]:
         raise PlacementError(f"plan {path} is not valid JSON ({err}): regenerate it with placement profile") from err
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise PlacementError(f"plan {path} has schema {found!r}, expected {SCHEMA}: regenerate it with placement profile")
+        raise PlacementError(f"plan {path} has schema {found!r}, expected {SCHEMA}: "
+                             "regenerate it with placement profile")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise PlacementError(f"plan {path} lacks {', '.join(missing)}: regenerate it with placement profile")
