@@ -11,7 +11,7 @@ import click
 
 from .cli_options import (ModelArgs, compare_options, demo_options, model_options, output_options, plan_options,
                           probe_options, stability_options, strategy_options, train_command_options, user_errors,
-                          writes_run)
+                          validate_options, writes_run)
 from .outputs import finite, json_text, run_folder
 
 
@@ -206,6 +206,32 @@ def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size,
         make_report)
     _emit({"dominant_site": base.dominant_site, "out": out, "rows": comparison.table.to_dict("records")},
           [comparison.markdown(), f"wrote {out}/comparison.csv, comparison.md, curves.png, arms/"], as_json)
+
+
+@main.command()
+@validate_options
+@writes_run
+def validate(model, data, scores, sites, steps, lr, step_lr, batch_size, max_length, seed, n_validation, batches, rank,
+             alpha, out, overwrite, make_report, as_json, quiet):
+    """Train one LoRA at each of --sites sites spread over the ranking and say which score predicts the gain."""
+    from .data import load_examples, split_examples
+    from .probe import ProbeSettings
+    from .study import validate as study
+    from .train import TrainSettings
+
+    settings = study.ValidateSettings(study.parse_sites(sites), TrainSettings(
+        steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed), step_lr=step_lr)
+    settings.check()
+    probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
+    probe_settings.check()
+    train_set, val_set, _ = split_examples(load_examples(data, seed), test=0, validation=n_validation, seed=seed)
+    given = study.read_scores(scores) if scores else None
+    with run_folder(out, overwrite=overwrite):
+        lm, tokenizer, source = _load(model, quiet)
+        result = study.validate_study(lm, tokenizer, source, data, (train_set, val_set), settings, out, given=given,
+                                      probe_settings=probe_settings, batches=batches, progress=not quiet)
+        _finish(out, make_report)
+    _emit(*study.summary(result, out), as_json)
 
 
 @main.command()

@@ -180,5 +180,21 @@ demo_options = options(  # demo: its few knobs
     click.option("--steps", type=int, default=60, show_default=True, help="training steps per arm"),
     click.option("--test", "n_test", type=int, default=60, show_default=True, help="test examples"),
     click.option("--arms", default="dominant,all-linear", show_default=True, help="arms to train and compare"))
+validate_options = options(  # validate: the model, the data, the sites, their training and first step
+    model_options,
+    click.option("--data", required=True, help="builtin:arithmetic, a JSON/JSONL/CSV/Parquet file, or a hub data set"),
+    click.option("--scores", type=click.Path(), default=None, help="a profile's folder to reuse instead of probing"),
+    click.option("--sites", default="24", show_default=True, help="sites to train, spread over the ranking, or 'all'"),
+    click.option("--steps", type=int, default=60, show_default=True, help="training steps per site"),
+    click.option("--lr", type=float, default=1e-3, show_default=True, help="one learning rate for every site"),
+    click.option("--step-lr", type=float, default=1e-4, show_default=True,
+                 help="learning rate of the first-step drops (SGD and AdamW on B alone)"),
+    batch_options,
+    click.option("--validation", "n_validation", type=int, default=None,
+                 help="validation examples held out from --data [default: 10%, at most 64]"),
+    click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
+    click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of every site"),
+    click.option("--alpha", type=float, default=16, show_default=True, help="LoRA alpha"))
+
 # every command that writes a run folder ends its decorators so; user_errors innermost
 writes_run = options(run_options, output_options, user_errors)

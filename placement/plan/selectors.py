@@ -49,6 +49,19 @@ def kappa_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
     return _in_model_order(sites, ranked[:k])
 
 
+def kappa_scores(model: nn.Module, sites: list[Site]) -> dict[str, float]:
+    """Each site's weight condition number as PEFT's kappa selector computes it, S[0] / (S[-1] + 1e-8) from the
+    float32 singular values (lower is preferred). Dict keys follow the order of `sites`."""
+    if not sites:
+        raise PlacementError("no sites given: pass the list from find_sites(model)")
+    modules = _modules(model, sites)
+    out = {}
+    for site in sites:
+        s = torch.linalg.svdvals(modules[site.name].weight.detach().float())
+        out[site.name] = float(s[0] / (s[-1] + 1e-8))
+    return out
+
+
 def snr_scores(model: nn.Module, sites: list[Site]) -> dict[str, float]:
     """Spectrum's per-module signal-to-noise ratio from the weight's singular values (Marchenko-Pastur bound).
 

@@ -216,3 +216,37 @@ def agreement_matrix(table: pd.DataFrame, names: list[str], path, title: str = "
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+SCORE_NAMES = {"kappa": "-kappa (condition number)", "params": "parameters per rank", "depth": "layer"}
+
+
+def validation_plot(sites: pd.DataFrame, correlations: pd.DataFrame, path, title: str = "") -> None:
+    """One panel per score: the score of each trained site against its realised gain (log x where the score is
+    positive), Spearman rho in the panel's title, the score's top site ringed and the realised best filled."""
+    panels = list(correlations["score"])
+    cols = min(4, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    best = sites["gain"].idxmax()
+    for ax, (_, corr) in zip(axes.flat, correlations.iterrows()):
+        x = sites[corr.score].astype(float)
+        ax.scatter(x, sites["gain"], s=16, color="#1f77b4", alpha=0.8)
+        top = x.idxmax()
+        ax.scatter([x[top]], [sites["gain"][top]], s=90, facecolors="none", edgecolors="#d62728", linewidths=1.5,
+                   label="score's top site")
+        ax.scatter([x[best]], [sites["gain"][best]], s=30, color="#2ca02c", label="best realised gain")
+        if (x > 0).all() and x.max() / max(x.min(), 1e-300) > 20:
+            ax.set_xscale("log")
+        rho = "n/a" if pd.isna(corr.spearman) else f"{corr.spearman:.2f}"
+        ax.set_title(f"{SCORE_NAMES.get(corr.score, corr.score)}: rho {rho}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("gain (validation loss)", fontsize=8)
+    axes.flat[0].legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

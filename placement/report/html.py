@@ -119,6 +119,16 @@ def _answer(plan: Plan, scores: pd.DataFrame, comparison: pd.DataFrame | None) -
     return f'<p class="answer">{text}</p>'
 
 
+def _validation(files: _Files, run: Path):
+    """The validate study's result, when the folder holds one."""
+    from ..study.validate import Validation
+
+    sites, scores = files.csv(run / "validation.csv"), files.csv(run / "validation_scores.csv")
+    if sites is None or scores is None:
+        return None
+    return Validation(sites, scores, base_val_loss=float("nan"))  # the verdict needs only the two tables
+
+
 def build(run: str | Path) -> str:
     run = Path(run)
     if not run.is_dir():
@@ -127,8 +137,9 @@ def build(run: str | Path) -> str:
     profile = _profile_dir(run, files)
     comparison = files.csv(run / "comparison.csv")
     stability = files.csv(run / "stability.csv")
-    if profile is None and comparison is None and stability is None:
-        raise PlacementError(f"{run} holds no profile, comparison or stability results: pass a run folder")
+    validation = _validation(files, run)
+    if profile is None and comparison is None and stability is None and validation is None:
+        raise PlacementError(f"{run} holds no profile, comparison, stability or validation results: pass a run folder")
     parts = []
     title = "placement report"
     if profile is not None:
@@ -155,6 +166,11 @@ def build(run: str | Path) -> str:
         if agreement is not None:
             parts.append("<h2>Does the choice of score matter</h2>" + _table(agreement, "{:.3f}"))
         parts.append(f'<p class="muted">model: {html.escape(json.dumps(model))}</p>')
+    if validation is not None:
+        parts.append("<h2>Does the score predict what training achieves?</h2>"
+                     f'<p class="answer">{html.escape(validation.verdict())}</p>'
+                     + _table(validation.correlations, "{:.3f}")
+                     + _image(files, run / "validation.png", "each score against the realised gain"))
     if stability is not None:
         parts.append("<h2>Across tasks</h2>" + _image(files, run / "stability.png", "rank agreement across tasks")
                      + _table(stability, "{:.3f}"))
