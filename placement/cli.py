@@ -49,11 +49,11 @@ def _splits(data, eval_data, n_test, n_validation, seed, quiet):
 
 
 def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_settings, batches, quiet, settings,
-                make_report, then=None):
+                make_report, then=None, resume=False):
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
-    with run_folder(out, overwrite=overwrite):
+    with run_folder(out, overwrite=overwrite, resume=resume):
         lm, tokenizer, source = _load(model, quiet)
         comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, out, base=base,
                                           probe_settings=probe_settings, batches=batches, progress=not quiet,
@@ -188,7 +188,8 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr
 @compare_options
 @writes_run
 def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed, max_new_tokens, arms,
-            rank, alpha, scores, batches, lr_sweep, sweep_arms, out, overwrite, make_report, as_json, quiet):
+            rank, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds, resume, out, overwrite, make_report,
+            as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
     from .study.compare import CompareSettings, compare_inputs
@@ -200,10 +201,11 @@ def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size,
     probe_settings.check()
     splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
     parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens)
-    comparison, base = _comparison(
-        out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
-        CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, max_new_tokens=max_new_tokens),
-        make_report)
+    compare_settings = CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, seeds=seeds,
+                                       max_new_tokens=max_new_tokens, sweep_steps=sweep_steps, resume=resume)
+    compare_settings.check()
+    comparison, base = _comparison(out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
+                                   compare_settings, make_report, resume=resume)
     _emit({"dominant_site": base.dominant_site, "out": out, "rows": comparison.table.to_dict("records")},
           [comparison.markdown(), f"wrote {out}/comparison.csv, comparison.md, curves.png, arms/"], as_json)
 

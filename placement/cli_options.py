@@ -168,10 +168,16 @@ compare_options = options(  # compare: the model, data and training, the arms an
     click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of arms without :rN"),
     click.option("--alpha", type=float, default=16, show_default=True,
                  help="LoRA alpha at rank --r (alpha / r is kept)"),
-    click.option("--scores", type=click.Path(), default=None, help="a profile's folder or plan.json instead of probing"),
+    click.option("--scores", type=click.Path(), default=None,
+                 help="a profile's folder or plan.json instead of probing"),
     click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
-    click.option("--lr-sweep", is_flag=True, help="try 1e-4, 3e-4, 1e-3, 3e-3 per arm, keep the best validation loss"),
-    click.option("--sweep-arms", default=None, help="comma-separated arms to sweep (default: all)"))
+    click.option("--lr-sweep", is_flag=True,
+                 help="sweep 1e-4 .. 1e-2 per arm on seed 0 by validation loss (one step past an edge)"),
+    click.option("--sweep-arms", default=None, help="comma-separated arms to sweep (default: all)"),
+    click.option("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: --steps)"),
+    click.option("--seeds", type=int, default=1, show_default=True,
+                 help="seeds per arm (data order and lora_A); intervals over seeds, else over test questions"),
+    click.option("--resume", is_flag=True, help="keep the arms an earlier run into --out finished with these settings"))
 
 demo_options = options(  # demo: its few knobs
     click.option("--out", default="runs/demo", show_default=True, type=click.Path(),

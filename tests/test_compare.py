@@ -1,5 +1,6 @@
 """Comparison arms on a tiny model: every arm a plan, same data for all, a table with its floor rows."""
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -62,15 +63,57 @@ def test_table_rows_and_columns(compared):
     assert rows.loc["dominant", "trainable_params"] < rows.loc["top-2:r8", "trainable_params"]
     assert rows.loc["majority", "balanced_accuracy"] == pytest.approx(0.5)
     assert comparison.kind == "boolean"
-    assert rows.loc["dominant", "lr"] in (1e-3, 1e-2)
     assert rows.loc["all-linear", "lr"] == TrainSettings().lr
     on_disk = pd.read_csv(out / "comparison.csv")
     assert list(on_disk.arm) == list(table.arm)
     for name in ("comparison.md", "comparison.json", "curves.png", "base_predictions.csv"):
         assert (out / name).stat().st_size > 0
-    sweep = json.loads((out / "arms" / "dominant" / "metrics.json").read_text())["lr_sweep"]
-    assert [s["lr"] for s in sweep] == [1e-3, 1e-2]
+    metrics = json.loads((out / "arms" / "dominant" / "metrics.json").read_text())
+    sweep = metrics["lr_sweep"]
+    # a two-rate grid always has its best at an edge: one rate past it is tried and the run is flagged
+    assert metrics["lr_at_edge"] is True and len(sweep) == 3
+    assert {1e-3, 1e-2} < {s["lr"] for s in sweep} and ({1e-4} | {1e-1}) & {s["lr"] for s in sweep}
+    assert rows.loc["dominant", "lr"] == min(sweep, key=lambda s: s["val_loss"])["lr"]
     assert rows.loc["dominant", "val_loss"] == pytest.approx(min(s["val_loss"] for s in sweep))
+    # one seed: Wilson intervals over the test questions, McNemar against the first arm
+    assert (rows.loc["dominant":, "exact_match_lo"] <= rows.loc["dominant":, "exact_match"]).all()
+    assert pd.isna(rows.loc["dominant", "p_exact_match"]) and rows.loc["all-linear", "p_exact_match"] <= 1
+    assert rows.loc["all-linear", "p_eval_loss"] <= 1 and rows.loc["base", "eval_loss_lo"] < rows.loc["base", "eval_loss"]
+    predictions = pd.read_csv(out / "arms" / "all-linear" / "predictions.csv")
+    assert {"correct", "loss"} <= set(predictions.columns) and predictions["loss"].notna().all()
+
+
+def test_seeds_give_intervals_and_resume_keeps_finished_arms(make_plan, tmp_path):
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
+    base = make_plan(model, Strategy("dominant"))
+    splits = data_mod.task_splits(boolean_examples(30), None, test=5, validation=3, seed=0)
+    settings = CompareSettings(parse_arms("dominant,ffn"), TrainSettings(steps=2, batch_size=4, max_length=48),
+                               seeds=2, max_new_tokens=4)
+    first = run_compare(model, tokenizer, base, splits, settings, tmp_path, log=lambda line: None).table
+    rows = first.set_index("arm")
+    assert rows.loc["ffn", "seeds"] == 2 and (tmp_path / "arms" / "ffn" / "seed-1" / "metrics.json").is_file()
+    assert rows.loc["ffn", "eval_loss_lo"] <= rows.loc["ffn", "eval_loss"] <= rows.loc["ffn", "eval_loss_hi"]
+    kept = []
+    again = run_compare(model, tokenizer, base, splits, replace(settings, resume=True), tmp_path, log=kept.append).table
+    assert sum("kept from the earlier run" in line for line in kept) == 4
+    pd.testing.assert_frame_equal(again.drop(columns=["sec_per_step"]), first.drop(columns=["sec_per_step"]))
+    changed = []
+    run_compare(model, tokenizer, base, splits, replace(settings, resume=True, train=replace(settings.train, steps=3)),
+                tmp_path, log=changed.append)
+    assert not any("kept" in line for line in changed)  # other settings: every arm is trained again
+
+
+def test_markdown_marks_differences_that_are_not_significant():
+    from placement.compare import formatted_table
+
+    table = pd.DataFrame([{"arm": "a", "sites": 1, "r": 8, "trainable_params": 10, "params_pct": 1.0, "lr": 1e-3,
+                           "lr_at_edge": True, "seeds": 1, "eval_loss": 1.0, "eval_loss_lo": 0.9, "eval_loss_hi": 1.1,
+                           "val_loss": 1.0, "exact_match": 0.5, "exact_match_lo": 0.4, "exact_match_hi": 0.6,
+                           "balanced_accuracy": None, "p_exact_match": 0.0074, "p_eval_loss": 0.3,
+                           "sec_per_step": 1.0, "peak_mem_mb": 10, "train_loss_last": 1.0}])
+    shown = formatted_table(table).iloc[0]
+    assert shown["exact match [95%]"] == "50.0% [40.0%, 60.0%]" and shown["p exact"] == "0.0074"
+    assert shown["p loss"] == "0.3 n.s." and shown["lr"] == "0.001 (edge)"
 
 
 def test_every_arm_sees_the_same_first_batch(compared):

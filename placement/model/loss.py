@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def token_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy over target tokens, with logits only where a label is: the LM head is a large share of a
-    small model's cost, and positions without a label contribute nothing to the loss."""
+def _target_logits(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits at the labelled positions, their targets, the mask of those positions in the shifted batch): the LM
+    head is a large share of a small model's cost, and positions without a label contribute nothing to the loss."""
     decoder = model.get_decoder()
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     targets = batch.labels[:, 1:]
@@ -17,5 +17,18 @@ def token_loss(model: nn.Module, batch) -> torch.Tensor:
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    count = keep.sum()
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / count
+    return logits.float(), targets[keep], keep
+
+
+def token_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens."""
+    logits, targets, keep = _target_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum") / keep.sum()
+
+
+def example_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, target-token count) per example of the batch, for per-question statistics."""
+    logits, targets, keep = _target_logits(model, batch)
+    per_token = torch.zeros(keep.shape, dtype=logits.dtype, device=logits.device)
+    per_token[keep] = F.cross_entropy(logits, targets, reduction="none")
+    return per_token.sum(dim=1), keep.sum(dim=1)

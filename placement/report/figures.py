@@ -137,21 +137,36 @@ def loss_curves(curves: dict[str, list[float]], table: pd.DataFrame | None, path
 
 
 def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> None:
-    """Exact match where the task has answers, held-out loss otherwise, against trainable parameters (log scale);
-    the untrained base and the majority answer are reference lines."""
+    """Exact match where the task has answers, held-out loss otherwise, against trainable parameters (log scale),
+    each arm with its 95% interval and the Pareto front (the best quality at no more parameters) drawn through
+    them; the untrained base and the majority answer are reference lines."""
     metric = "exact_match" if table["exact_match"].notna().any() else "eval_loss"
     scale = 100 if metric == "exact_match" else 1
     for name, style in (("base", "--"), ("majority", ":")):
         row = table[table["arm"] == name]
         if len(row) and pd.notna(row[metric].iloc[0]):
             ax.axhline(scale * row[metric].iloc[0], color="#777", linestyle=style, linewidth=1, label=name)
+    points = []
     for i, label in enumerate(arm_order):
         row = table[table["arm"] == label]
         if not len(row) or pd.isna(row[metric].iloc[0]):
             continue
         x, y = row["trainable_params"].iloc[0], scale * row[metric].iloc[0]
+        lo, hi = (row.get(f"{metric}_lo"), row.get(f"{metric}_hi"))
+        if lo is not None and hi is not None and pd.notna(lo.iloc[0]) and pd.notna(hi.iloc[0]):
+            ax.errorbar([x], [y], yerr=[[y - scale * lo.iloc[0]], [scale * hi.iloc[0] - y]], color=colours(i % 10),
+                        capsize=3, linewidth=1, zorder=2)
         ax.scatter([x], [y], color=colours(i % 10), s=46, zorder=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points.append((x, y))
+    better = (lambda a, b: a > b) if metric == "exact_match" else (lambda a, b: a < b)
+    front, best = [], None
+    for x, y in sorted(points):
+        if best is None or better(y, best):
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="#444", linewidth=1, linestyle="-", alpha=0.6, zorder=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("exact match on the test split (%)" if metric == "exact_match" else "held-out loss")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats as st
 from tqdm.auto import tqdm
 
 from ..errors import PlacementError
@@ -23,11 +26,13 @@ from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, selecto
 from ..report.figures import loss_curves
 from ..train import evaluate as ev
 from ..train.run import finish_run
-from ..train.trainer import TrainSettings, train
+from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerprint, plan_fingerprint, train
+from . import stats
 
-SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "eval_loss", "val_loss",
-                 "exact_match", "balanced_accuracy", "sec_per_step", "peak_mem_mb", "train_loss_last"]
+SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "lr_at_edge", "seeds", "eval_loss",
+                 "eval_loss_lo", "eval_loss_hi", "val_loss", "exact_match", "exact_match_lo", "exact_match_hi",
+                 "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb", "train_loss_last"]
 
 
 def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0) -> Plan:
@@ -45,9 +50,21 @@ class CompareSettings:
     lrs: tuple[float, ...] = SWEEP_LRS
     eval_batch_size: int = 16
     max_new_tokens: int = 32
+    seeds: int = 1  # each arm trained with seeds 0 .. seeds-1 (data order and lora_A)
+    sweep_steps: int | None = None  # steps of each sweep run (default: the training's)
+    resume: bool = False  # keep the arms an earlier run of the same settings finished
 
     def sweeps(self, arm: Arm) -> bool:
         return self.lr_sweep and (self.sweep_arms is None or arm.label in self.sweep_arms)
+
+    def check(self) -> None:
+        if self.seeds < 1:
+            raise PlacementError(f"--seeds {self.seeds} trains nothing: pass 1 or more")
+        if self.sweep_steps is not None and self.sweep_steps < 1:
+            raise PlacementError(f"--sweep-steps {self.sweep_steps} trains nothing: pass 1 or more")
+        bad = [lr for lr in self.lrs if not (lr > 0 and math.isfinite(lr))]
+        if bad:
+            raise PlacementError(f"the learning-rate grid holds {bad[0]}: every rate must be positive")
 
 
 @dataclass
@@ -61,46 +78,144 @@ class Comparison:
 
 
 def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The comparison table as people read it (percentages, thousands separators, few decimals): the CLI, the
-    markdown file and the HTML report all show this form."""
-    shown = table.copy()
-    blank = lambda fmt: (lambda v: "" if pd.isna(v) else fmt(v))  # noqa: E731
-    percent = blank(lambda v: f"{100 * v:.1f}%")
-    formats = {
-        "exact_match": percent, "balanced_accuracy": percent, "params_pct": blank(lambda v: f"{v:.2f}%"),
-        "trainable_params": blank(lambda v: f"{int(v):,}"), "lr": blank(lambda v: f"{v:g}"),
-        "eval_loss": blank(lambda v: f"{v:.3f}"), "val_loss": blank(lambda v: f"{v:.3f}"),
-        "train_loss_last": blank(lambda v: f"{v:.3f}"), "sec_per_step": blank(lambda v: f"{v:.2f}"),
-        "peak_mem_mb": blank(lambda v: f"{v:.0f}"), "sites": blank(lambda v: f"{int(v)}"),
-        "r": blank(lambda v: f"{int(v)}"),
-    }
-    for column, fmt in formats.items():
-        if column in shown.columns:
-            shown[column] = shown[column].map(fmt)
-    return shown
+    """The comparison table as people read it: percentages, thousands separators, few decimals, each quality
+    figure with its 95% interval, and the p-values against the first arm marked "n.s." at or above 0.05. The CLI,
+    the markdown file and the HTML report all show this form."""
+    def value(v, fmt):
+        return "" if v is None or pd.isna(v) else fmt(v)
+
+    def with_interval(row, name, fmt):
+        shown = value(row[name], fmt)
+        lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+        return shown + (f" [{fmt(lo)}, {fmt(hi)}]" if shown and pd.notna(lo) and pd.notna(hi) else "")
+
+    def p_value(v):
+        return value(v, lambda p: f"{p:.3g}" + (" n.s." if p >= 0.05 else ""))
+
+    percent, loss = (lambda v: f"{100 * v:.1f}%"), (lambda v: f"{v:.3f}")
+    rows = []
+    for _, row in table.iterrows():
+        rows.append({
+            "arm": row["arm"], "sites": value(row["sites"], lambda v: f"{int(v)}"),
+            "r": value(row["r"], lambda v: f"{int(v)}"),
+            "trainable params": value(row["trainable_params"], lambda v: f"{int(v):,}"),
+            "of all-linear": value(row["params_pct"], lambda v: f"{v:.2f}%"),
+            "lr": value(row["lr"], lambda v: f"{v:g}") + (" (edge)" if row.get("lr_at_edge") in (True,) else ""),
+            "seeds": value(row.get("seeds"), lambda v: f"{int(v)}"),
+            "held-out loss [95%]": with_interval(row, "eval_loss", loss),
+            "p loss": p_value(row.get("p_eval_loss")),
+            "exact match [95%]": with_interval(row, "exact_match", percent),
+            "p exact": p_value(row.get("p_exact_match")),
+            "balanced acc.": value(row["balanced_accuracy"], percent),
+            "val loss": value(row["val_loss"], loss), "s/step": value(row["sec_per_step"], lambda v: f"{v:.2f}"),
+            "peak MiB": value(row["peak_mem_mb"], lambda v: f"{v:.0f}"),
+        })
+    shown = pd.DataFrame(rows)
+    # columns with nothing to show (no answers, no balanced accuracy, one arm without tests) are left out
+    return shown[[c for c in shown.columns if c == "arm" or (shown[c] != "").any()]]
 
 
 def _row(label: str, **values) -> dict:
     return {c: values.get(c, float("nan")) for c in TABLE_COLUMNS} | {"arm": label}
 
 
-def _train_arm(model, tokenizer, plan: Plan, arm: Arm, splits, settings: CompareSettings, progress: bool):
-    """Train one arm (once, or once per rate of the sweep) and return the run with the lowest validation loss."""
+def choose_lr(model, tokenizer, plan: Plan, splits, settings: CompareSettings, progress: bool = False):
+    """The sweep: every rate of the grid on seed 0 for `sweep_steps`, judged by validation loss; when the best sits
+    at an edge of the grid, one more rate a grid step past it. Returns (rate, history, best was at an edge)."""
     train_set, val_set, _ = splits
-    rates = settings.lrs if settings.sweeps(arm) else (settings.train.lr,)
-    best, best_val, history = None, math.inf, []
-    for lr in rates:
-        run = train(copy.deepcopy(model), tokenizer, plan, train_set, replace(settings.train, lr=lr, save_every=0),
-                    progress=progress)
-        val_loss = (ev.mean_loss(run.model, tokenizer, val_set, batch_size=settings.eval_batch_size,
-                                 max_length=settings.train.max_length) if val_set else float("nan"))
-        history.append({"lr": lr, "val_loss": val_loss})
-        if best is None or val_loss < best_val:
-            best, best_val = run, val_loss
+    grid = sorted(settings.lrs)
+    steps = settings.sweep_steps or settings.train.steps
+
+    def val_at(lr: float) -> float:
+        try:
+            run = train(copy.deepcopy(model), tokenizer, plan, train_set,
+                        replace(settings.train, lr=lr, steps=steps, seed=0, save_every=0), progress=progress)
+        except TrainError:  # a rate that diverges is simply a bad rate
+            return math.inf
+        loss = ev.mean_loss(run.model, tokenizer, val_set, batch_size=settings.eval_batch_size,
+                            max_length=settings.train.max_length)
         del run
         gc.collect()
-    best.extra.update(val_loss=best_val if best_val < math.inf else float("nan"), sweep=history)
-    return best
+        return loss
+
+    history = {lr: val_at(lr) for lr in grid}
+    best = min(history, key=history.get)
+    at_edge = len(grid) > 1 and best in (grid[0], grid[-1])
+    if at_edge:
+        past = best / (grid[1] / grid[0]) if best == grid[0] else best * (grid[-1] / grid[-2])
+        history[past] = val_at(past)
+        best = min(history, key=history.get)
+    return best, [{"lr": lr, "val_loss": v} for lr, v in sorted(history.items())], at_edge
+
+
+@dataclass
+class ArmRun:
+    """One arm trained with one seed, as its folder records it."""
+
+    metrics: dict
+    predictions: pd.DataFrame
+    losses: list[float]
+
+
+def _arm_key(plan: Plan, settings: CompareSettings, arm: Arm, seed: int, splits) -> str:
+    """What an arm's result depends on; an earlier run with the same key is kept by --resume."""
+    train_set, _, test_set = splits
+    return fingerprint({"plan": plan_fingerprint(plan), "train": asdict(replace(settings.train, seed=seed)),
+                        "sweep": [sorted(settings.lrs), settings.sweep_steps] if settings.sweeps(arm) else None,
+                        "train_data": data_fingerprint(train_set), "test_data": data_fingerprint(test_set),
+                        "max_new_tokens": settings.max_new_tokens})
+
+
+def _finished(folder: Path, key: str) -> ArmRun | None:
+    """An arm's earlier result in `folder`, when its key matches and its files are whole."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        if metrics.get("compare_key") != key:
+            return None
+        return ArmRun(metrics, pd.read_csv(folder / "predictions.csv"), list(pd.read_csv(folder / "loss.csv")["loss"]))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _train_seed(model, tokenizer, plan, seed, lr, splits, settings, folder, eval_kwargs, model_name, extra,
+                progress) -> ArmRun:
+    train_set, val_set, test_set = splits
+    run = train(copy.deepcopy(model), tokenizer, plan, train_set,
+                replace(settings.train, lr=lr, seed=seed, save_every=0), progress=progress)
+    val_loss = (ev.mean_loss(run.model, tokenizer, val_set, batch_size=settings.eval_batch_size,
+                             max_length=settings.train.max_length) if val_set else float("nan"))
+    result, metrics = finish_run(run, plan, tokenizer, test_set, folder, eval_kwargs=eval_kwargs,
+                                 model_name=model_name, extra=extra | {"val_loss": val_loss, "seed": seed})
+    arm_run = ArmRun(metrics, ev.predictions_frame(test_set, result), list(run.losses))
+    del run
+    gc.collect()
+    return arm_run
+
+
+def train_arm(model, tokenizer, plan: Plan, arm: Arm, splits, settings: CompareSettings, folder: Path,
+              eval_kwargs: dict, model_name: str | None, progress: bool = False, log=print) -> list[ArmRun]:
+    """One arm with every seed: the rate from the sweep (or --lr), each seed trained, evaluated and written to its
+    folder (OUT/arms/ARM, or OUT/arms/ARM/seed-K with several seeds); finished seeds are kept with --resume."""
+    folders = [folder] if settings.seeds == 1 else [folder / f"seed-{k}" for k in range(settings.seeds)]
+    keys = [_arm_key(plan, settings, arm, seed, splits) for seed in range(settings.seeds)]
+    done = [_finished(f, k) if settings.resume else None for f, k in zip(folders, keys)]
+    kept = next((d for d in done if d is not None), None)
+    if kept is not None:
+        lr, history, at_edge = kept.metrics["lr"], kept.metrics.get("lr_sweep"), kept.metrics.get("lr_at_edge")
+    elif settings.sweeps(arm):
+        lr, history, at_edge = choose_lr(model, tokenizer, plan, splits, settings, progress)
+    else:
+        lr, history, at_edge = settings.train.lr, None, None
+    runs = []
+    for seed, (sub, key, previous) in enumerate(zip(folders, keys, done)):
+        if previous is not None:
+            log(f"{arm.label}, seed {seed}: kept from the earlier run")
+            runs.append(previous)
+            continue
+        extra = {"compare_key": key, "lr_sweep": history, "lr_at_edge": at_edge}
+        runs.append(_train_seed(model, tokenizer, plan, seed, lr, splits, settings, sub, eval_kwargs,
+                                model_name, extra, progress))
+    return runs
 
 
 def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings, out: str | Path,
@@ -115,8 +230,10 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     full = base.all_linear_params()
     rows, curves = [], {}
 
+    settings.check()
     base_eval = ev.evaluate(model, tokenizer, test_set, **eval_kwargs)
-    rows.append(_row("base", eval_loss=base_eval.eval_loss, exact_match=base_eval.exact_match,
+    base_ci = _intervals([ev.predictions_frame(test_set, base_eval)], [base_eval.eval_loss], [base_eval.exact_match])
+    rows.append(_row("base", eval_loss=base_eval.eval_loss, exact_match=base_eval.exact_match, **base_ci,
                      balanced_accuracy=base_eval.balanced_accuracy, trainable_params=0, params_pct=0.0, sites=0,
                      val_loss=ev.mean_loss(model, tokenizer, val_set, batch_size=settings.eval_batch_size,
                                            max_length=settings.train.max_length) if val_set else float("nan")))
@@ -128,25 +245,88 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
                          trainable_params=0, params_pct=0.0, sites=0))
 
     default_k = selector_k(settings.arms)
+    first: list[ArmRun] | None = None
     for arm in tqdm(settings.arms, desc="arms", disable=not progress):
         plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed)
-        run = _train_arm(model, tokenizer, plan, arm, splits, settings, progress)
-        result, _ = finish_run(run, plan, tokenizer, test_set, out / "arms" / arm.label.replace(":", "-"),
-                               eval_kwargs=eval_kwargs, model_name=base.model.get("name"),
-                               extra={"val_loss": run.extra["val_loss"],
-                                      "lr_sweep": run.extra["sweep"] if settings.sweeps(arm) else None})
-        rows.append(_row(arm.label, sites=len(plan.targets), r=plan.peft["r"], trainable_params=run.trainable_params,
-                         params_pct=100 * run.trainable_params / full, lr=run.settings.lr, eval_loss=result.eval_loss,
-                         val_loss=run.extra["val_loss"], exact_match=result.exact_match,
-                         balanced_accuracy=result.balanced_accuracy, sec_per_step=run.sec_per_step,
-                         peak_mem_mb=run.peak_mem_mb, train_loss_last=run.losses[-1]))
-        curves[arm.label] = run.losses
-        log(f"{arm.label}: {run.trainable_params:,} params, lr {run.settings.lr:g}, "
-            f"eval loss {result.eval_loss:.3f}" + _em_text(result) + f", {run.sec_per_step:.2f} s/step")
-        del run
-        gc.collect()
+        runs = train_arm(model, tokenizer, plan, arm, splits, settings, out / "arms" / arm.label.replace(":", "-"),
+                         eval_kwargs, base.model.get("name"), progress, log)
+        row = _arm_row(arm, plan, runs, full, first, settings.train.seed)
+        first = first or runs
+        rows.append(row)
+        curves[arm.label] = runs[0].losses
+        log(f"{arm.label}: {row['trainable_params']:,} params, lr {row['lr']:g}, eval loss {row['eval_loss']:.3f}"
+            + ("" if pd.isna(row["exact_match"]) else f", exact match {100 * row['exact_match']:.1f}%")
+            + f", {row['sec_per_step']:.2f} s/step")
 
     return Comparison(pd.DataFrame(rows, columns=TABLE_COLUMNS), curves, kind)
+
+
+def _intervals(predictions: list[pd.DataFrame], losses: list[float], ems: list) -> dict:
+    """95% intervals of held-out loss and exact match: over seeds (t) with several, else over test questions
+    (Wilson for exact match, a bootstrap of the per-question loss)."""
+    out = {}
+    if len(losses) > 1:
+        for name, values in (("eval_loss", losses), ("exact_match", ems)):
+            values = np.array([v for v in values if v is not None and pd.notna(v)], dtype=float)
+            if len(values) > 1:
+                half = st.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+                out[f"{name}_lo"], out[f"{name}_hi"] = values.mean() - half, values.mean() + half
+        return out
+    frame = predictions[0]
+    if "correct" in frame and frame["correct"].notna().any():
+        right = frame["correct"].astype(bool)
+        out["exact_match_lo"], out["exact_match_hi"] = stats.wilson(int(right.sum()), len(right))
+    if "loss" in frame and frame["loss"].notna().any():
+        boot = stats.paired_bootstrap(frame["loss"], np.zeros(len(frame)))
+        shift = losses[0] - boot["mean"]  # the interval of the per-question mean, centred on the token-weighted loss
+        out["eval_loss_lo"], out["eval_loss_hi"] = boot["lo"] + shift, boot["hi"] + shift
+    return out
+
+
+def _per_question(runs: list[ArmRun], column: str) -> np.ndarray | None:
+    """A per-question column averaged over seeds (None when the task does not score it)."""
+    frames = [r.predictions[column] for r in runs if column in r.predictions and r.predictions[column].notna().any()]
+    if not frames:
+        return None
+    return np.mean([f.astype(float).to_numpy() for f in frames], axis=0)
+
+
+def paired_tests(runs: list[ArmRun], first: list[ArmRun], seed: int = 0) -> dict:
+    """p-values against the first arm on the same test questions: McNemar's exact test on correctness with one
+    seed, a paired bootstrap of seed-averaged correctness with several; a paired bootstrap of per-question loss."""
+    out = {}
+    mine, theirs = _per_question(runs, "correct"), _per_question(first, "correct")
+    if mine is not None and theirs is not None:
+        if len(runs) == 1 and len(first) == 1:
+            out["p_exact_match"] = stats.mcnemar(int(((mine > 0.5) & (theirs < 0.5)).sum()),
+                                                 int(((mine < 0.5) & (theirs > 0.5)).sum()))
+        else:
+            out["p_exact_match"] = stats.paired_bootstrap(mine, theirs, seed=seed)["p"]
+    mine, theirs = _per_question(runs, "loss"), _per_question(first, "loss")
+    if mine is not None and theirs is not None:
+        out["p_eval_loss"] = stats.paired_bootstrap(mine, theirs, seed=seed)["p"]
+    return out
+
+
+def _arm_row(arm: Arm, plan: Plan, runs: list[ArmRun], full: int, first: list[ArmRun] | None, seed: int) -> dict:
+    """An arm's row: means over seeds, intervals, the tests against the first arm, costs of seed 0."""
+    metrics = [r.metrics for r in runs]
+
+    def mean(key: str) -> float:
+        values = [m.get(key) for m in metrics]
+        return float(np.mean(values)) if all(v is not None for v in values) else float("nan")
+
+    params = metrics[0]["trainable_params"]
+    row = _row(arm.label, sites=len(plan.targets), r=plan.peft["r"], trainable_params=params,
+               params_pct=100 * params / full, lr=metrics[0]["lr"], lr_at_edge=metrics[0].get("lr_at_edge"),
+               seeds=len(runs), eval_loss=mean("eval_loss"), val_loss=mean("val_loss"), exact_match=mean("exact_match"),
+               balanced_accuracy=mean("balanced_accuracy"), sec_per_step=metrics[0]["sec_per_step"],
+               peak_mem_mb=metrics[0]["peak_mem_mb"], train_loss_last=mean("train_loss_last"))
+    row |= _intervals([r.predictions for r in runs], [m["eval_loss"] for m in metrics],
+                      [m.get("exact_match") for m in metrics])
+    if first is not None:
+        row |= paired_tests(runs, first, seed)
+    return row
 
 
 def _em_text(evaluation: ev.Evaluation) -> str:

@@ -144,7 +144,8 @@ def first_step(model, plan: Plan, batch, val_set: list, tokenizer, lr: float, op
     val_after = ev.mean_loss(peft_model, tokenizer, val_set, **eval_kwargs)
     drop = float(before.detach()) - after
     return {f"{optimizer}_drop": drop, f"{optimizer}_predicted": predicted,
-            f"{optimizer}_ratio": drop / predicted if predicted > 0 else float("nan"), f"{optimizer}_val_after": val_after}
+            f"{optimizer}_ratio": drop / predicted if predicted > 0 else float("nan"),
+            f"{optimizer}_val_after": val_after}
 
 
 def correlate(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

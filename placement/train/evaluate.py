@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
-from ..model.loss import token_loss
+from ..model.loss import example_losses, token_loss
 from . import answers
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -20,6 +20,8 @@ class Evaluation:
     balanced_accuracy: float | None = None
     outputs: list[str] = field(default_factory=list)
     predictions: list[str | None] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean target-token loss per example (NaN: no target)
+    correct: list[bool] = field(default_factory=list)  # per example, when answers are scored
 
 
 def task_kind(examples: list) -> str | None:
@@ -40,6 +42,27 @@ def mean_loss(model, tokenizer, examples: list, *, batch_size: int = 16, max_len
         total += float(token_loss(model, batch.to(device))) * tokens
         count += tokens
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def per_example_loss(model, tokenizer, examples: list, *, batch_size: int = 16, max_length: int = 256
+                     ) -> tuple[list[float], float]:
+    """(mean target-token loss of each example, in order; NaN for one whose targets the cut removed, the
+    token-weighted mean over all), from one pass."""
+    device = next(model.parameters()).device
+    rendered = [data_mod.render(tokenizer, e, max_length) for e in examples]
+    kept = [i for i, item in enumerate(rendered) if item is not None]
+    if not kept:
+        raise data_mod.DataError(f"--max-length {max_length} leaves no target tokens in any example: raise --max-length")
+    losses, total, count = [float("nan")] * len(examples), 0.0, 0
+    pad = data_mod.pad_token_id(tokenizer)
+    for start in range(0, len(kept), batch_size):
+        rows = kept[start:start + batch_size]
+        sums, counts = example_losses(model, data_mod.collate([rendered[i] for i in rows], pad).to(device))
+        for i, s, c in zip(rows, sums.tolist(), counts.tolist()):
+            losses[i] = s / c if c else float("nan")
+            total, count = total + s, count + c
+    return losses, total / max(count, 1)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -74,7 +97,8 @@ def evaluate(model, tokenizer, examples: list, *, kind: str | None = None, batch
              max_length: int = 256, max_new_tokens: int = 32, progress: bool = False) -> Evaluation:
     """Held-out loss always; exact match (and balanced accuracy for yes/no and multiple choice) when answers exist."""
     model.eval()
-    result = Evaluation(mean_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length))
+    losses, mean = per_example_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+    result = Evaluation(mean, losses=losses)
     kind = kind or task_kind(examples)
     if kind is None:
         return result
@@ -83,6 +107,7 @@ def evaluate(model, tokenizer, examples: list, *, kind: str | None = None, batch
                               progress=progress)
     result.predictions = [answers.extract(o, kind) for o in result.outputs]
     result.exact_match = answers.exact_match(result.outputs, golds, kind)
+    result.correct = [answers.is_correct(o, g, kind) for o, g in zip(result.outputs, golds)]
     if kind in ("boolean", "choice"):
         result.balanced_accuracy = answers.balanced_accuracy(result.predictions, golds, kind)
     return result
@@ -107,6 +132,8 @@ def predictions_frame(examples: list, evaluation: Evaluation):
         "answer": [e.answer for e in examples],
         "output": evaluation.outputs or blank,
         "prediction": evaluation.predictions or blank,
+        "correct": evaluation.correct or blank,
+        "loss": evaluation.losses or blank,
     })
 
 
