@@ -211,3 +211,26 @@ def test_cli_bad_training_input(invoke, model_dir, plan_dir, tmp_path, args, wor
     assert result.exit_code != 0
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("arm, words", [("budget", ["budget-P%"]), ("top-4%", ["no percentage"]),
+                                        ("dominant-3", ["takes no count"]), ("top-2.5", ["whole number"]),
+                                        ("budget-200%", ["at most 100%"]), ("dominant+dora", ["variants"]),
+                                        ("dominant:len10", [":len", "virtual tokens"])])
+def test_the_arm_grammar_refuses_what_an_arm_cannot_take(arm, words):
+    with pytest.raises(PlacementError) as err:
+        parse_arms(arm)
+    assert all(word in str(err.value) for word in words)
+
+
+def test_budget_arms_spend_a_share_of_all_linear_at_their_rank(make_plan):
+    from placement.compare import arm_plan
+
+    model = tiny_model("llama")
+    base = make_plan(model, Strategy("dominant"))
+    for label, r in (("budget-10%", base.peft["r"]), ("budget-10%:r2", 2)):
+        arm = parse_arms(label)[0]
+        plan = arm_plan(arm, base, model, default_k=4)
+        full = base.with_strategy(Strategy("all-linear"), r=r).trainable_params
+        assert plan.peft["r"] == r and 0 < plan.trainable_params <= 0.10 * full
+        assert plan.trainable_params > 0.10 * full - max(s["d_in"] + s["d_out"] for s in base.sites) * r

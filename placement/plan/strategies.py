@@ -127,7 +127,7 @@ register(Kind("dominant", "the top site of the ranking", lambda rows, st, r: _by
 register(Kind("top-k", "the N top sites of the ranking", lambda rows, st, r: _by_rank(rows)[: st.k], option="k",
               arm="top", count="required"))
 register(Kind("budget", "greedy by score per trainable parameter within --max-params", _budget,
-              option="max_params"))
+              option="max_params", arm="budget", count="percent"))
 register(Kind("all-linear", "every candidate site (LoRA's full coverage)", lambda rows, st, r: rows,
               arm="all-linear"))
 register(Kind("attn-qv", "the query and value projections", _by_role(ATTN_QV), arm="attn-qv"))
@@ -171,11 +171,12 @@ class Arm:
     strategy: str  # a registry key
     k: int | None = None
     r: int | None = None
+    percent: float | None = None  # budget-P%: P% of all-linear LoRA's parameters at the arm's rank
 
 
 _ARMS = {kind.arm: kind for kind in REGISTRY.values() if kind.arm}
-_FORM = re.compile(r"^(?P<base>[a-z][a-z0-9-]*?)(?:-(?P<n>\d+)(?P<percent>%)?)?(?P<mods>(?::[a-z]+\d+)*)"
-                   r"(?:\+(?P<variant>[a-z]+))?$")
+_FORM = re.compile(r"^(?P<base>[a-z][a-z0-9-]*?)(?:-(?P<n>\d+(?:\.\d+)?)(?P<percent>%)?)?"
+                   r"(?P<mods>(?::[a-z]+\d+)*)(?:\+(?P<variant>[a-z]+))?$")
 _MODIFIERS = {"r": "a rank, e.g. dominant:r64", "rf": "a bottleneck reduction factor (bottleneck families)",
               "len": "a number of virtual tokens (prompt families)"}
 
@@ -183,34 +184,55 @@ _MODIFIERS = {"r": "a rank, e.g. dominant:r64", "rf": "a bottleneck reduction fa
 def arm_help() -> str:
     forms = []
     for kind in _ARMS.values():
-        forms.append({"required": f"{kind.arm}-N", "optional": f"{kind.arm}[-N]"}.get(kind.count, kind.arm))
+        forms.append({"required": f"{kind.arm}-N", "optional": f"{kind.arm}[-N]",
+                      "percent": f"{kind.arm}-P%"}.get(kind.count, kind.arm))
     return ", ".join(forms) + "; ':rN' gives an arm its own rank, e.g. dominant:r64"
 
 
 def parse_arm(label: str) -> Arm:
-    """One arm of the grammar, checked whole: an unknown name, a count it does not take, a modifier of another
-    family or a variant is one clear line, before anything is computed."""
+    """One arm of the grammar, checked whole: an unknown name, a count or share it does not take, a modifier of
+    another family or a variant is one clear line, before anything is computed."""
     match = _FORM.match(label)
-    base = match and (match["base"] + (f"-{match['n']}" if match["n"] and not match["percent"] else ""))
-    if match and base in _ARMS and _ARMS[base].count == "none":  # names that end in a number, like random-1
-        kind, n = _ARMS[base], None
+    whole = match and (match["base"] + (f"-{match['n']}" if match["n"] and not match["percent"] else ""))
+    if match and whole in _ARMS and _ARMS[whole].count == "none":  # names that end in a number, like random-1
+        kind, n = _ARMS[whole], None
     elif match and match["base"] in _ARMS:
-        kind, n = _ARMS[match["base"]], int(match["n"]) if match["n"] else None
+        kind, n = _ARMS[match["base"]], float(match["n"]) if match["n"] else None
     else:
         raise PlacementError(f"unknown arm '{label}': choose from {arm_help()}")
-    if match["percent"]:
-        raise PlacementError(f"arm '{label}': {kind.arm} takes no percentage; give a count or none")
-    if kind.count == "required" and n is None:
-        raise PlacementError(f"arm '{label}' needs a count: write {kind.arm}-N, e.g. {kind.arm}-4")
-    if kind.count == "none" and n is not None and base not in _ARMS:
-        raise PlacementError(f"arm '{label}': {kind.arm} takes no count")
-    if n is not None and n < 1:
-        raise PlacementError(f"arm '{label}' selects nothing: N must be at least 1")
+    _check_count(label, kind, n, bool(match["percent"]))
     if match["variant"]:
         raise PlacementError(f"arm '{label}': LoRA variants (+{match['variant']}) are not trained by this version; "
                              "drop the +VARIANT")
+    r = _rank_modifier(label, match["mods"])
+    if kind.count == "percent":
+        return Arm(label, kind.name, None, r, n)
+    return Arm(label, kind.name, None if n is None else int(n), r)
+
+
+def _check_count(label: str, kind: Kind, n: float | None, percent: bool) -> None:
+    if kind.count == "percent":
+        if not percent or n is None:
+            raise PlacementError(f"arm '{label}' needs a share of all-linear's parameters: write {kind.arm}-P%, "
+                                 f"e.g. {kind.arm}-5%")
+        if not 0 < n <= 100:
+            raise PlacementError(f"arm '{label}': the share must be above 0% and at most 100%")
+        return
+    if percent:
+        raise PlacementError(f"arm '{label}': {kind.arm} takes no percentage; give a count or none")
+    if n is not None and not float(n).is_integer():
+        raise PlacementError(f"arm '{label}': N must be a whole number")
+    if kind.count == "required" and n is None:
+        raise PlacementError(f"arm '{label}' needs a count: write {kind.arm}-N, e.g. {kind.arm}-4")
+    if kind.count == "none" and n is not None:
+        raise PlacementError(f"arm '{label}': {kind.arm} takes no count")
+    if n is not None and n < 1:
+        raise PlacementError(f"arm '{label}' selects nothing: N must be at least 1")
+
+
+def _rank_modifier(label: str, mods: str) -> int | None:
     r = None
-    for key, value in re.findall(r":([a-z]+)(\d+)", match["mods"]):
+    for key, value in re.findall(r":([a-z]+)(\d+)", mods):
         if key not in _MODIFIERS:
             raise PlacementError(f"arm '{label}': unknown modifier :{key}; LoRA arms take :rN, {_MODIFIERS['r']}")
         if key != "r":
@@ -218,7 +240,7 @@ def parse_arm(label: str) -> Arm:
         r = int(value)
         if r < 1:
             raise PlacementError(f"arm '{label}' has rank 0: give a positive rank such as :r16")
-    return Arm(label, kind.name, n, r)
+    return r
 
 
 def parse_arms(spec: str) -> list[Arm]:
@@ -248,9 +270,12 @@ def selector_k(arms: list[Arm]) -> int:
     return next((a.k for a in arms if a.strategy == "top-k"), 4)
 
 
-def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0) -> Strategy:
-    """The strategy an arm stands for; data-free selectors pick their sites from the model's weights here."""
+def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0, all_linear_params: int | None = None) -> Strategy:
+    """The strategy an arm stands for; data-free selectors pick their sites from the model's weights here, and a
+    budget arm's share becomes a parameter count of `all_linear_params` (all-linear LoRA at the arm's rank)."""
     kind = REGISTRY[arm.strategy]
+    if arm.percent is not None:
+        return Strategy(arm.strategy, max_params=int(arm.percent / 100 * all_linear_params), seed=seed)
     if kind.from_weights is not None:
         targets = kind.from_weights(model, find_sites(model), arm.k or default_k)
         return Strategy("given", targets=targets, source=arm.label)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
+from ..families.lora import lora_params
 from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, selector_k  # noqa: F401
 from ..report.figures import loss_curves
@@ -36,7 +37,9 @@ TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "l
 
 
 def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0) -> Plan:
-    plan = base.with_strategy(arm_strategy(arm, model, default_k, seed), r=arm.r)
+    r = arm.r or base.peft["r"]
+    full = sum(lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: a budget arm's yardstick
+    plan = base.with_strategy(arm_strategy(arm, model, default_k, seed, all_linear_params=full), r=arm.r)
     plan.strategy["label"] = arm.label
     return plan
 
