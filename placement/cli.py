@@ -87,15 +87,15 @@ def sites(model, as_json, quiet, include_routers):
 @main.command()
 @probe_options
 @writes_run
-def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rslora, fast, draws, score, checkpointing,
-            bootstrap, strategy, out, overwrite, make_report, as_json, quiet):
+def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rslora, fast, draws, score, spectrum_k,
+            checkpointing, bootstrap, strategy, out, overwrite, make_report, as_json, quiet):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .data import load_examples
     from .probe import ProbeSettings
     from .study.profile import run_profile, summary_lines, write_profile
 
     settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
-                             use_rslora=rslora, checkpointing=checkpointing)
+                             use_rslora=rslora, checkpointing=checkpointing, spectrum_k=spectrum_k)
     settings.check()
     examples = load_examples(data, seed)  # read the data before the model: a bad file fails in a second
     with run_folder(out, overwrite=overwrite):

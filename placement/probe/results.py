@@ -20,15 +20,18 @@ class ProbeResult:
     tokens: int
     seconds: float
     settings: ProbeSettings
+    spectrum: np.ndarray | None = None  # (sites, k): mean over batches of sigma_i(G_b)^2, exact mode only
 
 
 def probe_result(acc: Accumulator, n_batches: int, tokens: int, seconds: float,
                  batch_page: np.ndarray) -> ProbeResult:
     fast = acc.settings.mode == "fast"
+    r = acc.settings.r
+    spectrum = (acc.spectrum_sum / n_batches).cpu().numpy() if acc.spectrum_sum is not None else None
     totals = acc.sums.cpu().numpy()  # (sites, [page, grad_energy, fisher]) summed over batches
     sampled = (acc.sampled_sum / n_batches).cpu()  # (sites, draws)
     rows = []
-    for st, (page_sum, grad_energy_sum, fisher_sum), draws in zip(acc.states, totals, sampled):
+    for i, (st, (page_sum, grad_energy_sum, fisher_sum), draws) in enumerate(zip(acc.states, totals, sampled)):
         # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
         g_mean = st.g_sum.double() / n_batches
         spread = float(draws.sum())
@@ -41,6 +44,9 @@ def probe_result(acc: Accumulator, n_batches: int, tokens: int, seconds: float,
             grad_energy=np.nan if fast else grad_energy_sum / n_batches,
             fisher=fisher_sum / max(st.examples, 1),
             coherence=coherence,
+            # an A with orthonormal rows of squared norm 1/3 on G's top-r right singular vectors: s^2/3 sum_i<=r
+            page_opt=acc.s2 / 3 * float(spectrum[i, :r].sum()) if spectrum is not None and spectrum.shape[1] >= r
+            else np.nan,
         ))
     frame = pd.DataFrame(rows).rename(columns={"name": "site"})
-    return ProbeResult(frame, batch_page, n_batches, tokens, seconds, acc.settings)
+    return ProbeResult(frame, batch_page, n_batches, tokens, seconds, acc.settings, spectrum)

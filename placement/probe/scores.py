@@ -196,3 +196,40 @@ def kaiming_draws(shape: tuple[int, int], count: int, generator: torch.Generator
     """`count` independent A matrices drawn as PEFT does: kaiming_uniform(a=sqrt 5) = U(-1/sqrt(d_in), 1/sqrt(d_in))."""
     bound = 1.0 / math.sqrt(shape[1])
     return (torch.rand((count, *shape), generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
+
+
+# -- the gradient spectrum (page_opt and rank allocation) --------------------------------------------------------
+def full_gram(grams: Grams, tokens: int) -> torch.Tensor:
+    """The whole N x N token Gram from its upper-triangle blocks y[s:e] y[s:]^T."""
+    k = torch.zeros(tokens, tokens, dtype=grams.blocks[0].dtype, device=grams.blocks[0].device)
+    starts = [tokens - block.shape[1] for block in grams.blocks]
+    for start, block in zip(starts, grams.blocks):
+        k[start:start + block.shape[0], start:] = block
+    upper = torch.triu(k)
+    return upper + torch.triu(k, 1).t()
+
+
+def _psd_sqrt(k: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(k)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.t()
+
+
+def gradient_spectrum(d: torch.Tensor, x: torch.Tensor | None, x_grams: Grams | None, layout: Layout,
+                      k: int) -> torch.Tensor:
+    """The k largest sigma_i(G)^2 of G = d^T x, descending (zeros past its rank), from the smallest symmetric
+    matrix that shares G's nonzero eigenvalues: G G^T (d_out), G^T G (d_in), or, on the token side,
+    K_X^{1/2} K_D K_X^{1/2} (N x N, with K_X = x x^T and K_D = d d^T). With x None only its full Grams are at hand,
+    and the token side is used. Computed in float64: the tail of a spectrum is small."""
+    n, d_out = d.shape
+    d64 = d.double()
+    if x is None or n <= min(x.shape[1], d_out):
+        k_x = full_gram(x_grams, n).double() if x is None else x.double() @ x.double().t()
+        root = _psd_sqrt(k_x)
+        matrix = root @ (d64 @ d64.t()) @ root
+    else:
+        g = d64.t() @ x.double()
+        matrix = g @ g.t() if d_out <= g.shape[1] else g.t() @ g
+    values = torch.linalg.eigvalsh(matrix).flip(0).clamp(min=0)
+    out = torch.zeros(k, dtype=torch.float64, device=d.device)
+    out[: min(k, len(values))] = values[:k]
+    return out

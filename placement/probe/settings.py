@@ -24,6 +24,7 @@ class ProbeSettings:
     init_lora_weights: bool | str = True
     task_type: str = "CAUSAL_LM"
     checkpointing: bool = False
+    spectrum_k: int = 64  # exact mode: the top sigma_i(G)^2 kept per site, for page_opt and rank allocation; 0: none
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -35,11 +36,18 @@ class ProbeSettings:
                                  "number such as 16")
         if self.mode == "fast" and self.draws < 2:
             raise PlacementError("--draws must be at least 2 in fast mode, to give page a standard error")
+        if self.spectrum_k < 0:
+            raise PlacementError(f"--spectrum-k {self.spectrum_k} is negative: pass 0 (no spectrum) or a count")
         if self.init_lora_weights is not True:
             raise PlacementError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported: PAGE assumes PEFT's default "
                 "init (B = 0, kaiming-uniform A); use init_lora_weights=True"
             )
+
+    @property
+    def spectrum(self) -> int:
+        """How many singular values per site this probe keeps (the fast probe forms no G and keeps none)."""
+        return self.spectrum_k if self.mode == "exact" else 0
 
     @property
     def num_draws(self) -> int:

@@ -26,7 +26,7 @@ from ..probe import ProbeResult, ProbeSettings, probe
 from ..report.figures import convergence_plot, heatmap
 
 CSV_COLUMNS = ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "rank_lo", "rank_hi", "p_top",
-               "score", "page_se", "page_sampled", "grad_energy", "fisher", "coherence"]
+               "score", "page_se", "page_sampled", "grad_energy", "fisher", "page_opt", "coherence"]
 
 
 @dataclass
@@ -82,8 +82,11 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
     strategy = strategy or Strategy()
     strategy.check()
     # Settings that cannot work fail before the probe spends its minutes.
-    if score == "grad_energy" and settings.mode == "fast":
-        raise PlacementError("--score grad_energy needs the exact probe: drop --fast")
+    if score in ("grad_energy", "page_opt") and settings.mode == "fast":
+        raise PlacementError(f"--score {score} needs the exact probe (the fast one forms no gradient): drop --fast")
+    if score == "page_opt" and settings.spectrum < settings.r:
+        raise PlacementError(f"--score page_opt needs the top {settings.r} singular values: pass --spectrum-k of at "
+                             f"least --r ({settings.r})")
     if bootstrap < 0:
         raise PlacementError(f"--bootstrap {bootstrap} is negative: pass 0 (no intervals) or a number of resamples")
     sites = find_sites(model)
@@ -100,6 +103,7 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
         "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
         "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
         "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
+        "spectrum_k": settings.spectrum,
     }
     site_rows = [
         {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
@@ -153,5 +157,11 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
     with atomic_path(out / "batch_scores.safetensors") as tmp:
         save_file({"page": torch.from_numpy(np.ascontiguousarray(profile.result.batch_page))}, str(tmp),
                   metadata={"sites": ",".join(profile.result.scores["site"])})
+    if profile.result.spectrum is not None:
+        # mean over batches of sigma_i(G_b)^2 per site, in model site order: what rank allocation reads
+        with atomic_path(out / "spectrum.safetensors") as tmp:
+            save_file({"sigma2": torch.from_numpy(np.ascontiguousarray(profile.result.spectrum))}, str(tmp),
+                      metadata={"sites": ",".join(profile.result.scores["site"])})
+        written.append(out / "spectrum.safetensors")
     return [out / name for name in ("scores.csv", "plan.json", "heatmap.png", "heatmap_log.png",
                                     "batch_scores.safetensors")] + written
