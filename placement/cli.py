@@ -49,7 +49,7 @@ def _splits(data, eval_data, n_test, n_validation, seed, quiet):
 
 
 def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_settings, batches, quiet, settings,
-                make_report, then=None, resume=False):
+                make_report, then=None, resume=False, scores_folder=None):
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
@@ -57,7 +57,7 @@ def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_sett
         lm, tokenizer, source = _load(model, quiet)
         comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, out, base=base,
                                           probe_settings=probe_settings, batches=batches, progress=not quiet,
-                                          log=_log(quiet))
+                                          log=_log(quiet), scores_folder=scores_folder)
         if then is not None:
             then(base)
         _finish(out, make_report)
@@ -118,9 +118,9 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
 def plan_cmd(source, strategy, rank, check_model, trust_remote_code, out, peft_config, overwrite, as_json, quiet):
     """Make a placement plan from a profile's folder, its scores.csv or a plan file; without --out or --peft-config
     print the plan JSON."""
-    from .plan.export import export, plan_from_source
+    from .plan.export import export, plan_from_source, replan
 
-    new = plan_from_source(source, rank).with_strategy(strategy)
+    new = replan(source, plan_from_source(source, rank), strategy)
     if check_model:
         new.check(_load(ModelArgs(check_model, trust_remote_code=trust_remote_code))[0])
     if not out and not peft_config:
@@ -205,7 +205,7 @@ def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size,
                                        max_new_tokens=max_new_tokens, sweep_steps=sweep_steps, resume=resume)
     compare_settings.check()
     comparison, base = _comparison(out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
-                                   compare_settings, make_report, resume=resume)
+                                   compare_settings, make_report, resume=resume, scores_folder=scores)
     _emit({"dominant_site": base.dominant_site, "out": out, "rows": comparison.table.to_dict("records")},
           [comparison.markdown(), f"wrote {out}/comparison.csv, comparison.md, curves.png, arms/"], as_json)
 

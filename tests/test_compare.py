@@ -234,3 +234,21 @@ def test_budget_arms_spend_a_share_of_all_linear_at_their_rank(make_plan):
         full = base.with_strategy(Strategy("all-linear"), r=r).trainable_params
         assert plan.peft["r"] == r and 0 < plan.trainable_params <= 0.10 * full
         assert plan.trainable_params > 0.10 * full - max(s["d_in"] + s["d_out"] for s in base.sites) * r
+
+
+def test_allocate_arms_spend_their_share_by_the_spectrum(make_plan):
+    from placement.compare import arm_plan
+    from placement.probe import ProbeSettings, probe
+    from placement.sites import find_sites
+    from conftest import random_batch
+
+    model = tiny_model("llama")
+    base = make_plan(model, Strategy("dominant"))
+    result = probe(model, find_sites(model), [random_batch(0)], ProbeSettings(r=base.peft["r"]))
+    spectrum = dict(zip(result.scores["site"], result.spectrum))
+    plan = arm_plan(parse_arms("allocate-10%")[0], base, model, default_k=4, spectrum=spectrum)
+    full = base.with_strategy(Strategy("all-linear")).trainable_params
+    assert plan.label == "allocate-10%" and 0 < plan.trainable_params <= 0.10 * full
+    assert set(plan.peft["rank_pattern"]) == set(plan.targets)
+    with pytest.raises(PlacementError, match="spectrum"):
+        arm_plan(parse_arms("allocate-10%")[0], base, model, default_k=4, spectrum=None)

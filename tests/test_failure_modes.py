@@ -539,3 +539,14 @@ def test_the_demo_writes_an_untracked_folder_by_default():
     assert out.default == "runs/demo"
     ignored = (Path(__file__).parents[1] / ".gitignore").read_text().split()
     assert "runs/" in ignored
+
+
+def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+    fast = tmp_path / "fast"
+    assert invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--out", fast).exit_code == 0
+    assert_one_line_error(invoke("plan", fast, "--strategy", "allocate", "--max-params", "500"), "spectrum")
+    exact = tmp_path / "exact"
+    assert invoke("profile", "--model", model_dir, *PROFILE, "--out", exact).exit_code == 0
+    assert_one_line_error(invoke("plan", exact, "--strategy", "allocate", "--max-params", "5"), "fits no site")
+    assert_one_line_error(invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--score", "page_opt",
+                                 "--out", tmp_path / "o"), "page_opt", "--fast")

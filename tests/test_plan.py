@@ -40,8 +40,9 @@ def names(sites):
 
 
 def strategy_for(name):
+    ranks = {"model.layers.1.mlp.down_proj": 2, "model.layers.0.self_attn.q_proj": 1} if name == "allocate" else None
     return Strategy(name, k=2 if name in ("top-k", "last-k") else None,
-                    max_params=2000 if name == "budget" else None, seed=3)
+                    max_params=2000 if name in ("budget", "allocate") else None, seed=3, ranks=ranks)
 
 
 def test_every_strategy_builds_a_plan_in_model_order(llama, sites, scores):
@@ -306,3 +307,40 @@ def test_with_strategy_keeps_probe_and_ranking(llama, scores):
     assert {k: v for k, v in other.peft.items() if k != "target_modules"} == \
         {k: v for k, v in base.peft.items() if k != "target_modules"}
     assert other.targets != base.targets and other.label == "ffn"
+
+
+def test_allocate_beats_uniform_ranks_on_captured_energy():
+    from placement.plan.strategies import allocate_ranks
+
+    rows = [{"site": "a", "d_in": 6, "d_out": 4}, {"site": "b", "d_in": 6, "d_out": 4},
+            {"site": "c", "d_in": 30, "d_out": 30}]
+    spectrum = {"a": np.array([10.0, 9.0, 8.0, 7.0, 0.0]), "b": np.array([1.0, 0.5, 0.2, 0.0, 0.0]),
+                "c": np.array([40.0, 1.0, 0.0, 0.0, 0.0])}
+    ranks = allocate_ranks(spectrum, rows, max_params=40)
+    captured = lambda rk: sum(spectrum[s][:r].sum() for s, r in rk.items())  # noqa: E731
+    assert ranks == {"a": 4}  # c's first rank (60 parameters) does not fit; a's energy per parameter beats b's
+    assert captured(ranks) > captured({"a": 2, "b": 2}) and sum(10 * r for r in ranks.values()) <= 40
+    assert allocate_ranks(spectrum, rows, max_params=70) == {"a": 4, "b": 3}  # what is left is filled
+    with pytest.raises(PlacementError, match="fits no site"):
+        allocate_ranks(spectrum, rows, max_params=9)
+
+
+def test_an_allocated_plan_trains_exactly_its_stated_parameters(tmp_path):
+    from placement.probe import ProbeSettings
+    from placement.profile import run_profile
+    from placement.train import apply_plan
+    from tiny import tiny_tokenizer
+
+    model = tiny_model("llama")
+    source = type("Source", (), {"name": "tiny", "path": "tiny", "revision": None, "note": None})()
+    profile = run_profile(model, tiny_tokenizer(), source, "builtin:arithmetic", batches=2, batch_size=4,
+                          max_length=48, settings=ProbeSettings(r=4, alpha=8), bootstrap=0,
+                          strategy=Strategy("allocate", max_params=600))
+    plan = profile.plan
+    assert set(plan.peft["rank_pattern"]) == set(plan.targets) and 0 < plan.trainable_params <= 600
+    assert all(plan.peft["alpha_pattern"][t] == 2 * r for t, r in plan.peft["rank_pattern"].items())  # alpha/r kept
+    adapted = apply_plan(tiny_model("llama"), plan)
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == plan.trainable_params
+    for target, rank in plan.peft["rank_pattern"].items():
+        layer = adapted.base_model.model.get_submodule(target)
+        assert layer.lora_A["default"].weight.shape[0] == rank and layer.scaling["default"] == 2.0

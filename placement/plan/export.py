@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import PlacementError
 from ..outputs import finite, json_text, write_new_file
 from .plan import Plan
+from .strategies import Strategy, allocate_strategy, read_spectrum
 
 
 def plan_from_source(source: str | Path, rank: int | None = None) -> Plan:
@@ -22,6 +23,14 @@ def plan_from_source(source: str | Path, rank: int | None = None) -> Plan:
             raise PlacementError(f"--r {rank} is not a LoRA rank: pass a positive integer")
         plan.peft = dict(plan.peft, r=rank)
     return plan
+
+
+def replan(source: str | Path, base: Plan, strategy: Strategy) -> Plan:
+    """`base` with another strategy; allocate reads the gradient spectrum the profile folder kept."""
+    if strategy.name == "allocate" and not strategy.ranks:
+        folder = Path(source).parent if Path(source).is_file() else Path(source)
+        strategy = allocate_strategy(strategy.max_params, read_spectrum(folder), base.sites)
+    return base.with_strategy(strategy)
 
 
 def peft_config_json(plan: Plan) -> str:

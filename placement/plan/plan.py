@@ -45,6 +45,10 @@ class Plan:
               rank_pattern: dict | None = None) -> "Plan":
         targets = select(sites, strategy, peft["r"])
         peft = dict(peft, target_modules=targets)
+        if strategy.ranks:  # PEFT's rank_pattern leaves alpha alone: alpha_pattern keeps alpha / r that of the plan
+            rank_pattern = {t: int(strategy.ranks[t]) for t in targets}
+            scale = peft["lora_alpha"] / peft["r"]
+            peft["alpha_pattern"] = {t: _number(scale * rank) for t, rank in rank_pattern.items()}
         if rank_pattern:
             peft["rank_pattern"] = rank_pattern
         by_name = {s["site"]: s for s in sites}
@@ -55,7 +59,7 @@ class Plan:
 
     def with_strategy(self, strategy: Strategy, rank_pattern: dict | None = None, r: int | None = None) -> "Plan":
         """The same probe and ranking, another choice of sites; `r` changes the rank and keeps alpha / r."""
-        base = {k: v for k, v in self.peft.items() if k not in ("target_modules", "rank_pattern")}
+        base = {k: v for k, v in self.peft.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")}
         if r is not None and r != base["r"]:
             if r < 1:
                 raise PlacementError(f"rank {r} is not a LoRA rank: pass a positive integer")
@@ -155,6 +159,10 @@ def plan_problem(plan: Plan) -> str | None:
     if not isinstance(plan.peft, dict):
         return "peft must be an object of LoraConfig arguments"
     return peft_problem(plan.peft, plan.targets)
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def _positive_int(value) -> bool:

@@ -8,10 +8,13 @@ A strategy picks from a probe's ranking (`dominant`, `top-k`, `budget`), by stru
 """
 from __future__ import annotations
 
+import heapq
 import random
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from ..errors import PlacementError
 from ..families.lora import lora_params
@@ -32,6 +35,7 @@ class Strategy:
     seed: int = 0  # random-1
     targets: list[str] | None = None  # given: sites chosen elsewhere, e.g. by a data-free selector
     source: str | None = None  # given: what chose them, used as the label
+    ranks: dict[str, int] | None = None  # allocate: the rank each chosen site gets
 
     def check(self) -> None:
         if self.name == "given":
@@ -44,7 +48,7 @@ class Strategy:
         if kind.option == "k" and (self.k is None or self.k < 1):
             raise PlacementError(f"strategy {self.name} needs --k, a positive number")
         if kind.option == "max_params" and (self.max_params is None or self.max_params < 1):
-            raise PlacementError("strategy budget needs --max-params, a positive number of trainable parameters")
+            raise PlacementError(f"strategy {self.name} needs --max-params, a positive number of trainable parameters")
         if self.k is not None and kind.option != "k":
             raise PlacementError(f"--k means nothing to strategy {self.name}: drop it, or use top-k or last-k")
         if self.max_params is not None and kind.option != "max_params":
@@ -98,6 +102,62 @@ def _budget(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     return chosen
 
 
+def _allocated(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    if not strategy.ranks:
+        raise PlacementError("strategy allocate needs the profile's gradient spectrum (spectrum.safetensors): "
+                             "profile with the exact probe and --spectrum-k of 1 or more")
+    return [s for s in rows if s["site"] in strategy.ranks]
+
+
+def allocate_ranks(spectrum: dict[str, np.ndarray], rows: list[dict], max_params: int,
+                   max_rank: int = 64) -> dict[str, int]:
+    """A rank per site (sites left out get none) maximising the captured gradient energy
+    sum_s sum_{i<=r_s} sigma_{s,i}^2 under sum_s r_s (d_in + d_out) <= max_params: greedy by marginal energy per
+    parameter, which also fills what budget is left with whatever still fits. A site's marginal gains fall with
+    its rank (the spectrum is descending), so the greedy order is the fractional optimum's."""
+    cost = {row["site"]: int(row["d_in"]) + int(row["d_out"]) for row in rows}
+    heap = [(-float(values[0]) / cost[site], site) for site, values in spectrum.items()
+            if site in cost and len(values) and values[0] > 0]
+    heapq.heapify(heap)
+    ranks: dict[str, int] = {}
+    spent = 0
+    while heap:
+        _, site = heapq.heappop(heap)
+        if spent + cost[site] > max_params:
+            continue  # every further rank of this site costs the same, so none fits
+        ranks[site] = ranks.get(site, 0) + 1
+        spent += cost[site]
+        values, taken = spectrum[site], ranks[site]
+        if taken < min(max_rank, len(values)) and values[taken] > 0:
+            heapq.heappush(heap, (-float(values[taken]) / cost[site], site))
+    if not ranks:
+        raise PlacementError(f"--max-params {max_params} fits no site: the smallest rank-1 LoRA here has "
+                             f"{min(cost.values())} parameters")
+    return ranks
+
+
+def read_spectrum(folder) -> dict[str, np.ndarray] | None:
+    """A profile folder's spectrum.safetensors (site -> mean sigma_i^2, descending), or None when it has none."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(folder) / "spectrum.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="np") as handle:
+        sites = handle.metadata()["sites"].split(",")
+        values = handle.get_tensor("sigma2")
+    return dict(zip(sites, values))
+
+
+def allocate_strategy(max_params: int, spectrum: dict | None, rows: list[dict]) -> Strategy:
+    if spectrum is None:
+        raise PlacementError("strategy allocate needs the profile's gradient spectrum (spectrum.safetensors): "
+                             "profile with the exact probe and --spectrum-k of 1 or more")
+    return Strategy("allocate", max_params=max_params, ranks=allocate_ranks(spectrum, rows, max_params))
+
+
 def _last_layers(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     layers = sorted({s["layer"] for s in rows})[-strategy.k:]
     return [s for s in rows if s["layer"] in layers]
@@ -128,6 +188,8 @@ register(Kind("top-k", "the N top sites of the ranking", lambda rows, st, r: _by
               arm="top", count="required"))
 register(Kind("budget", "greedy by score per trainable parameter within --max-params", _budget,
               option="max_params", arm="budget", count="percent"))
+register(Kind("allocate", "sites and a rank each (1-64) capturing the most gradient energy within --max-params",
+              _allocated, option="max_params", arm="allocate", count="percent"))
 register(Kind("all-linear", "every candidate site (LoRA's full coverage)", lambda rows, st, r: rows,
               arm="all-linear"))
 register(Kind("attn-qv", "the query and value projections", _by_role(ATTN_QV), arm="attn-qv"))
@@ -270,12 +332,17 @@ def selector_k(arms: list[Arm]) -> int:
     return next((a.k for a in arms if a.strategy == "top-k"), 4)
 
 
-def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0, all_linear_params: int | None = None) -> Strategy:
+def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0, all_linear_params: int | None = None,
+                 spectrum: dict | None = None, rows: list[dict] | None = None) -> Strategy:
     """The strategy an arm stands for; data-free selectors pick their sites from the model's weights here, and a
-    budget arm's share becomes a parameter count of `all_linear_params` (all-linear LoRA at the arm's rank)."""
+    budget or allocate arm's share becomes a parameter count of `all_linear_params` (all-linear LoRA at the arm's
+    rank); allocate spends it by the profile's gradient `spectrum` over the site `rows`."""
     kind = REGISTRY[arm.strategy]
     if arm.percent is not None:
-        return Strategy(arm.strategy, max_params=int(arm.percent / 100 * all_linear_params), seed=seed)
+        budget = int(arm.percent / 100 * all_linear_params)
+        if arm.strategy == "allocate":
+            return allocate_strategy(budget, spectrum, rows)
+        return Strategy(arm.strategy, max_params=budget, seed=seed)
     if kind.from_weights is not None:
         targets = kind.from_weights(model, find_sites(model), arm.k or default_k)
         return Strategy("given", targets=targets, source=arm.label)

@@ -23,7 +23,7 @@ from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
 from ..families.lora import lora_params
 from ..plan.plan import Plan
-from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, selector_k  # noqa: F401
+from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, read_spectrum, selector_k  # noqa: F401
 from ..report.figures import loss_curves
 from ..train import evaluate as ev
 from ..train.run import finish_run
@@ -36,10 +36,11 @@ TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "l
                  "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb", "train_loss_last"]
 
 
-def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0) -> Plan:
+def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectrum: dict | None = None) -> Plan:
     r = arm.r or base.peft["r"]
     full = sum(lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: a budget arm's yardstick
-    plan = base.with_strategy(arm_strategy(arm, model, default_k, seed, all_linear_params=full), r=arm.r)
+    strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites)
+    plan = base.with_strategy(strategy, r=arm.r)
     plan.strategy["label"] = arm.label
     return plan
 
@@ -222,7 +223,7 @@ def train_arm(model, tokenizer, plan: Plan, arm: Arm, splits, settings: CompareS
 
 
 def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings, out: str | Path,
-                progress: bool = False, log=print) -> Comparison:
+                progress: bool = False, log=print, spectrum: dict | None = None) -> Comparison:
     """Evaluate the base model, a majority answer where it applies, and every arm; write each arm's adapter, metrics
     and predictions under `out/arms/`. `report.write_comparison` writes the table and the curves."""
     out = Path(out)
@@ -250,7 +251,7 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     default_k = selector_k(settings.arms)
     first: list[ArmRun] | None = None
     for arm in tqdm(settings.arms, desc="arms", disable=not progress):
-        plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed)
+        plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed, spectrum=spectrum)
         runs = train_arm(model, tokenizer, plan, arm, splits, settings, out / "arms" / arm.label.replace(":", "-"),
                          eval_kwargs, base.model.get("name"), progress, log)
         row = _arm_row(arm, plan, runs, full, first, settings.train.seed)
@@ -358,21 +359,28 @@ def compare_inputs(arms: str, splits, lr_sweep: bool, sweep_arms: str | None, sc
 
 
 def run_comparison(model, tokenizer, source, data: str, splits, settings: CompareSettings, out: str | Path, *,
-                   base: Plan | None, probe_settings, batches: int, progress: bool = False, log=print):
+                   base: Plan | None, probe_settings, batches: int, progress: bool = False, log=print,
+                   scores_folder: str | Path | None = None):
     """The compare study: probe on the training split (or use the given profile's plan), train and evaluate every
     arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
     from .profile import run_profile, write_profile
 
     check_arms(settings.arms, model)  # before the probe: an arm this model cannot give fails in seconds
+    spectrum = None
     if base is not None:
         base.check(model)
+        folder = Path(scores_folder) if scores_folder else None
+        spectrum = read_spectrum(folder.parent if folder.is_file() else folder) if folder else None
     else:
         profile = run_profile(model, tokenizer, source, data, batches=batches, batch_size=settings.train.batch_size,
                               max_length=settings.train.max_length, settings=probe_settings, progress=progress,
                               examples=splits[0])
         write_profile(profile, Path(out) / "profile", title=f"{source.name} on {data}: page")
         base = profile.plan
-    comparison = run_compare(model, tokenizer, base, splits, settings, out, progress=progress, log=log)
+        if profile.result.spectrum is not None:
+            spectrum = dict(zip(profile.result.scores["site"], profile.result.spectrum))
+    comparison = run_compare(model, tokenizer, base, splits, settings, out, progress=progress, log=log,
+                             spectrum=spectrum)
     write_comparison(comparison, out, title=f"{source.name} on {data}")
     return comparison, base
 

@@ -21,7 +21,7 @@ from ..model.sites import Site, find_sites, fingerprint, num_layers
 from ..outputs import atomic_path, write_csv
 from ..plan.plan import Plan
 from ..plan.ranking import SCORES, agreement_table, concentration, rank, stability
-from ..plan.strategies import Strategy
+from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
 from ..report.figures import convergence_plot, heatmap
 
@@ -110,6 +110,9 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
         for row in ranked[[c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo",
                                        "rank_hi", "p_top") if c in ranked.columns]].to_dict("records")
     ]
+    if strategy.name == "allocate":
+        spectrum = None if result.spectrum is None else dict(zip(result.scores["site"], result.spectrum))
+        strategy = allocate_strategy(strategy.max_params, spectrum, site_rows)
     plan = Plan.build(model=model_block(model, source, sites), probe=probe_block, sites=site_rows,
                       strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
                       stability=stable)
