@@ -4,15 +4,13 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from peft import LoraConfig, get_peft_model
 
 from placement.errors import PlacementError
 from placement.plan import SCHEMA, STRATEGIES, Plan, Strategy, select
-from placement.ranking import concentration, rank
-from placement.sites import find_sites, fingerprint
-from helpers import PEFT, R, make_plan, ranked_rows  # noqa: F401
+from placement.sites import find_sites
+from helpers import R, make_plan, ranked_rows
 from tiny import tiny_model
 
 @pytest.fixture(scope="module")

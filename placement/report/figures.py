@@ -4,8 +4,6 @@ This module imports no stage of the flow (only the ground module `outputs`), so 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
