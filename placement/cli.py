@@ -224,7 +224,7 @@ def validate(model, data, scores, sites, steps, lr, step_lr, batch_size, max_len
     settings = study.ValidateSettings(study.parse_sites(sites), TrainSettings(
         steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed), step_lr=step_lr)
     settings.check()
-    probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
+    probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, spectrum_k=64)  # validate ranks by page_opt too
     probe_settings.check()
     train_set, val_set, _ = split_examples(load_examples(data, seed), test=0, validation=n_validation, seed=seed)
     given = study.read_scores(scores) if scores else None

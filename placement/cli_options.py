@@ -125,8 +125,9 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
     click.option("--draws", type=int, default=8, show_default=True, help="draws of lora_A in --fast mode"),
     click.option("--score", default="page", show_default=True,
                   type=click.Choice(["page", "page_sampled", "grad_energy", "fisher", "page_opt"]), help="ranking score"),
-    click.option("--spectrum-k", type=int, default=64, show_default=True,
-                 help="top singular values of each site's gradient kept (exact probe): page_opt and rank allocation"),
+    click.option("--spectrum-k", type=int, default=0, show_default=True,
+                 help="top singular values of each site's gradient to keep (exact probe) for page_opt and rank "
+                      "allocation; 64 when --score page_opt or --strategy allocate asks for them"),
     click.option("--checkpointing", is_flag=True, help="gradient checkpointing: less memory, one more forward"),
     click.option("--bootstrap", type=int, default=200, show_default=True,
                   help="resamples of the calibration batches for rank intervals (0: none)"),

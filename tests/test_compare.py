@@ -244,7 +244,7 @@ def test_allocate_arms_spend_their_share_by_the_spectrum(make_plan):
 
     model = tiny_model("llama")
     base = make_plan(model, Strategy("dominant"))
-    result = probe(model, find_sites(model), [random_batch(0)], ProbeSettings(r=base.peft["r"]))
+    result = probe(model, find_sites(model), [random_batch(0)], ProbeSettings(r=base.peft["r"], spectrum_k=16))
     spectrum = dict(zip(result.scores["site"], result.spectrum))
     plan = arm_plan(parse_arms("allocate-10%")[0], base, model, default_k=4, spectrum=spectrum)
     full = base.with_strategy(Strategy("all-linear")).trainable_params

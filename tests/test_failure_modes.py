@@ -545,8 +545,12 @@ def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, asser
     fast = tmp_path / "fast"
     assert invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--out", fast).exit_code == 0
     assert_one_line_error(invoke("plan", fast, "--strategy", "allocate", "--max-params", "500"), "spectrum")
+    plain = tmp_path / "plain"  # the exact probe keeps no spectrum unless asked
+    assert invoke("profile", "--model", model_dir, *PROFILE, "--out", plain).exit_code == 0
+    assert_one_line_error(invoke("plan", plain, "--strategy", "allocate", "--max-params", "500"), "--spectrum-k")
     exact = tmp_path / "exact"
-    assert invoke("profile", "--model", model_dir, *PROFILE, "--out", exact).exit_code == 0
+    assert invoke("profile", "--model", model_dir, *PROFILE, "--spectrum-k", "8", "--out", exact).exit_code == 0
+    assert invoke("plan", exact, "--strategy", "allocate", "--max-params", "500").exit_code == 0
     assert_one_line_error(invoke("plan", exact, "--strategy", "allocate", "--max-params", "5"), "fits no site")
     assert_one_line_error(invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--score", "page_opt",
                                  "--out", tmp_path / "o"), "page_opt", "--fast")

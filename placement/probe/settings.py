@@ -24,7 +24,9 @@ class ProbeSettings:
     init_lora_weights: bool | str = True
     task_type: str = "CAUSAL_LM"
     checkpointing: bool = False
-    spectrum_k: int = 64  # exact mode: the top sigma_i(G)^2 kept per site, for page_opt and rank allocation; 0: none
+    # exact mode: the top sigma_i(G)^2 kept per site, for page_opt and rank allocation; 0: none. Off by default: on
+    # short sequences it costs two N x N eigendecompositions per site and batch, several times the probe itself.
+    spectrum_k: int = 0
 
     def check(self) -> None:
         if self.mode not in MODES:

@@ -363,7 +363,7 @@ def run_comparison(model, tokenizer, source, data: str, splits, settings: Compar
                    scores_folder: str | Path | None = None):
     """The compare study: probe on the training split (or use the given profile's plan), train and evaluate every
     arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
-    from .profile import run_profile, write_profile
+    from .profile import SPECTRUM_K, run_profile, write_profile
 
     check_arms(settings.arms, model)  # before the probe: an arm this model cannot give fails in seconds
     spectrum = None
@@ -372,6 +372,8 @@ def run_comparison(model, tokenizer, source, data: str, splits, settings: Compar
         folder = Path(scores_folder) if scores_folder else None
         spectrum = read_spectrum(folder.parent if folder.is_file() else folder) if folder else None
     else:
+        if any(arm.strategy == "allocate" for arm in settings.arms) and not probe_settings.spectrum_k:
+            probe_settings = replace(probe_settings, spectrum_k=SPECTRUM_K)  # allocate arms read the spectrum
         profile = run_profile(model, tokenizer, source, data, batches=batches, batch_size=settings.train.batch_size,
                               max_length=settings.train.max_length, settings=probe_settings, progress=progress,
                               examples=splits[0])

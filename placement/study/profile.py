@@ -5,7 +5,7 @@ This is the composition the CLI, the demo and the notebook share; each step stay
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
 from ..report.figures import convergence_plot, heatmap
 
+SPECTRUM_K = 64  # the spectrum's length when a score or strategy needs it: ranks 1..64 for allocate
 CSV_COLUMNS = ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "rank_lo", "rank_hi", "p_top",
                "score", "page_se", "page_sampled", "grad_energy", "fisher", "page_opt", "coherence"]
 
@@ -78,6 +79,8 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
     `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
     the convergence curve are those of the `page` ranking, the score every batch records."""
     settings = settings or ProbeSettings()
+    if (score == "page_opt" or (strategy is not None and strategy.name == "allocate")) and not settings.spectrum_k:
+        settings = replace(settings, spectrum_k=SPECTRUM_K)  # what was asked for needs the spectrum
     settings.check()
     strategy = strategy or Strategy()
     strategy.check()
