@@ -114,6 +114,7 @@ def test_markdown_marks_differences_that_are_not_significant():
     shown = formatted_table(table).iloc[0]
     assert shown["exact match [95%]"] == "50.0% [40.0%, 60.0%]" and shown["p exact"] == "0.0074"
     assert shown["p loss"] == "0.3 n.s." and shown["lr"] == "0.001 (edge)"
+    assert formatted_table(table.assign(p_eval_loss=0.0)).iloc[0]["p loss"] == "<0.001"
 
 
 def test_every_arm_sees_the_same_first_batch(compared):

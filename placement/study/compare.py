@@ -93,8 +93,8 @@ def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
         lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
         return shown + (f" [{fmt(lo)}, {fmt(hi)}]" if shown and pd.notna(lo) and pd.notna(hi) else "")
 
-    def p_value(v):
-        return value(v, lambda p: f"{p:.3g}" + (" n.s." if p >= 0.05 else ""))
+    def p_value(v):  # a bootstrap of 2000 resamples cannot tell p below 0.001 apart from 0
+        return value(v, lambda p: ("<0.001" if p < 0.001 else f"{p:.3g}") + (" n.s." if p >= 0.05 else ""))
 
     percent, loss = (lambda v: f"{100 * v:.1f}%"), (lambda v: f"{v:.3f}")
     rows = []
