@@ -57,10 +57,7 @@ def disk_error(err: OSError, path: Path) -> PlacementError:
 def make_dirs(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as err:
-        raise PlacementError(f"cannot write {path}: a file stands where a folder is needed; "
-                             "pass another --out") from err
-    except OSError as err:
+    except OSError as err:  # a file where a folder is needed arrives as EEXIST or ENOTDIR
         raise disk_error(err, path) from err
 
 
@@ -154,6 +151,22 @@ def write_csv(path: str | Path, frame) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def read_table(path: str | Path, rerun: str, required: set[str] | frozenset = frozenset()):
+    """A CSV this tool wrote, as a DataFrame; an empty, damaged or incomplete one is one line saying what to rerun."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PlacementError(f"{path} is empty or damaged ({type(err).__name__}): {rerun}") from err
+    if frame.empty:
+        raise PlacementError(f"{path} holds no rows: {rerun}")
+    missing = sorted(set(required) - set(frame.columns))
+    if missing:
+        raise PlacementError(f"{path} lacks the column {missing[0]}: {rerun}")
+    return frame
+
+
 def write_new_file(path: str | Path, text: str, overwrite: bool = False) -> None:
     """A single output file named by the user: written atomically, and an existing file is replaced only with
     `overwrite` (never anything else is deleted)."""
@@ -165,17 +178,14 @@ def write_new_file(path: str | Path, text: str, overwrite: bool = False) -> None
     write_text(path, text)
 
 
-def clean_temporaries(root: Path) -> list[Path]:
+def clean_temporaries(root: Path) -> None:
     """Remove temporary files and folders a killed run of ours left under `root` (recognised by TMP_MARK)."""
-    removed = []
     for item in sorted(root.rglob(f"{TMP_MARK}*"), key=lambda p: len(p.parts), reverse=True):
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 item.unlink()
-        removed.append(item)
-    return removed
 
 
 # -- run folders -------------------------------------------------------------------------------------------------
@@ -253,7 +263,7 @@ def add_to_run(folder: str | Path, name: str) -> None:
     if run is None or not isinstance(run.get("files"), list) or name in run["files"]:
         return
     run["files"] = sorted(run["files"] + [name])
-    write_text(folder / RUN_FILE, json_text(run))
+    write_json(folder / RUN_FILE, run)
 
 
 class RunFolder:
@@ -269,17 +279,7 @@ class RunFolder:
 
     def _save(self) -> None:
         self.record["files"] = sorted(set(self.previous) | set(self.written))
-        text = json_text(self.record)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_MARK}{RUN_FILE}.", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            file_mode(tmp)
-            os.replace(tmp, self.root / RUN_FILE)
-        except OSError as err:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise disk_error(err, self.root / RUN_FILE) from err
+        write_json(self.root / RUN_FILE, self.record)  # run.json itself is never in its own list
 
     def relative(self, path: Path) -> str:
         return path.resolve().relative_to(self.root.resolve()).as_posix()

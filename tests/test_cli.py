@@ -1,6 +1,5 @@
 """The command line on a tiny model saved to disk: outputs, JSON summaries, and one-line errors for bad input."""
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -1,8 +1,6 @@
 """The HTML report: self-contained, escaped, and rendered without errors by a real headless Chromium."""
 import base64
-import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest

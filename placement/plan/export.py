@@ -33,14 +33,23 @@ def replan(source: str | Path, base: Plan, strategy: Strategy) -> Plan:
     return base.with_strategy(strategy)
 
 
+def adapter_config_text(config: dict, model_name: str | None) -> str:
+    """PEFT's adapter_config.json made deterministic: targets sorted, keys sorted, no bare NaN, and the base named
+    as the user gave it (never a cache path of this machine) when `model_name` is given."""
+    config = dict(config)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    if model_name is not None:
+        config["base_model_name_or_path"] = model_name
+    return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def peft_config_json(plan: Plan) -> str:
-    """PEFT's own adapter_config.json for a plan, targets sorted, naming the model as the user gave it."""
+    """PEFT's own adapter_config.json for a plan, naming the model as the user gave it."""
     with tempfile.TemporaryDirectory() as tmp:
         plan.lora_config().save_pretrained(tmp)
         config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
-    config["target_modules"] = sorted(config.get("target_modules") or [])
-    config["base_model_name_or_path"] = plan.model.get("name")
-    return json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return adapter_config_text(config, plan.model.get("name"))
 
 
 def export(plan: Plan, out: str | None, peft_config: str | None, overwrite: bool) -> tuple[dict, list[str]]:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import PlacementError
 from ..families.lora import lora_params
-from ..outputs import RUN_FILE, add_to_run, command_line, listed_files, read_run, versions, write_json, write_text
+from ..outputs import RUN_FILE, add_to_run, read_table, command_line, listed_files, read_run, versions, write_json, write_text
 from ..plan.plan import Plan
 from ..study.compare import formatted_table
 STYLE = """
@@ -57,17 +57,9 @@ class _Files:
         except ValueError:
             return False
 
-    def csv(self, path: Path) -> pd.DataFrame | None:
-        if not self.has(path):
-            return None
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise PlacementError(f"{path} is empty or damaged ({type(err).__name__}): rerun the command that "
-                                 "wrote it") from err
-        if frame.empty:
-            raise PlacementError(f"{path} holds no rows: rerun the command that wrote it")
-        return frame
+    def csv(self, path: Path, required: set[str] = frozenset(), rerun: str = "rerun the command that wrote it"
+            ) -> pd.DataFrame | None:
+        return read_table(path, rerun, required) if self.has(path) else None
 
 
 def _image(files: _Files, path: Path, alt: str) -> str:
@@ -144,10 +136,8 @@ def build(run: str | Path) -> str:
     title = "placement report"
     if profile is not None:
         plan = Plan.load(profile / "plan.json")
-        scores = files.csv(profile / "scores.csv")
-        missing = sorted({"site", "layer", "role", "d_in", "d_out", "share", "rank"} - set(scores.columns))
-        if missing:
-            raise PlacementError(f"{profile / 'scores.csv'} lacks the column {missing[0]}: rerun placement profile")
+        scores = files.csv(profile / "scores.csv", {"site", "layer", "role", "d_in", "d_out", "share", "rank"},
+                           "rerun placement profile")
         model = plan.model
         title = f"{model.get('name')} on {plan.probe.get('data')}"
         parts.append(_answer(plan, scores, comparison))

@@ -58,6 +58,13 @@ class CompareSettings:
     sweep_steps: int | None = None  # steps of each sweep run (default: the training's)
     resume: bool = False  # keep the arms an earlier run of the same settings finished
 
+    def val_loss(self, model, tokenizer, val_set: list) -> float:
+        """Held-out loss on the validation split (NaN without one): what the sweep and the table judge by."""
+        if not val_set:
+            return float("nan")
+        return ev.mean_loss(model, tokenizer, val_set, batch_size=self.eval_batch_size,
+                            max_length=self.train.max_length)
+
     def sweeps(self, arm: Arm) -> bool:
         return self.lr_sweep and (self.sweep_arms is None or arm.label in self.sweep_arms)
 
@@ -136,8 +143,7 @@ def choose_lr(model, tokenizer, plan: Plan, splits, settings: CompareSettings, p
                         replace(settings.train, lr=lr, steps=steps, seed=0, save_every=0), progress=progress)
         except TrainError:  # a rate that diverges is simply a bad rate
             return math.inf
-        loss = ev.mean_loss(run.model, tokenizer, val_set, batch_size=settings.eval_batch_size,
-                            max_length=settings.train.max_length)
+        loss = settings.val_loss(run.model, tokenizer, val_set)
         del run
         gc.collect()
         return loss
@@ -186,8 +192,7 @@ def _train_seed(model, tokenizer, plan, seed, lr, splits, settings, folder, eval
     train_set, val_set, test_set = splits
     run = train(copy.deepcopy(model), tokenizer, plan, train_set,
                 replace(settings.train, lr=lr, seed=seed, save_every=0), progress=progress)
-    val_loss = (ev.mean_loss(run.model, tokenizer, val_set, batch_size=settings.eval_batch_size,
-                             max_length=settings.train.max_length) if val_set else float("nan"))
+    val_loss = settings.val_loss(run.model, tokenizer, val_set)
     result, metrics = finish_run(run, plan, tokenizer, test_set, folder, eval_kwargs=eval_kwargs,
                                  model_name=model_name, extra=extra | {"val_loss": val_loss, "seed": seed})
     arm_run = ArmRun(metrics, ev.predictions_frame(test_set, result), list(run.losses))
@@ -239,8 +244,7 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     base_ci = _intervals([ev.predictions_frame(test_set, base_eval)], [base_eval.eval_loss], [base_eval.exact_match])
     rows.append(_row("base", eval_loss=base_eval.eval_loss, exact_match=base_eval.exact_match, **base_ci,
                      balanced_accuracy=base_eval.balanced_accuracy, trainable_params=0, params_pct=0.0, sites=0,
-                     val_loss=ev.mean_loss(model, tokenizer, val_set, batch_size=settings.eval_batch_size,
-                                           max_length=settings.train.max_length) if val_set else float("nan")))
+                     val_loss=settings.val_loss(model, tokenizer, val_set)))
     write_csv(out / "base_predictions.csv", ev.predictions_frame(test_set, base_eval))
     log(f"base: eval loss {base_eval.eval_loss:.3f}" + _em_text(base_eval))
     if kind in ("boolean", "choice"):

@@ -26,7 +26,7 @@ from ..errors import PlacementError
 from ..families.lora import lora_params
 from ..model.loss import token_loss
 from ..model.sites import find_sites
-from ..outputs import write_csv, write_text
+from ..outputs import read_table, write_csv, write_text
 from ..plan.plan import Plan
 from ..plan.selectors import kappa_scores, snr_scores
 from ..plan.strategies import Strategy
@@ -230,13 +230,7 @@ def read_scores(folder: str | Path) -> tuple[Plan, pd.DataFrame]:
     path = folder / "scores.csv"
     if not path.is_file():
         raise PlacementError(f"{folder} has no scores.csv: pass the --out folder of placement profile")
-    try:
-        ranked = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise PlacementError(f"{path} is empty or damaged ({type(err).__name__}): rerun placement profile") from err
-    missing = sorted({"site", "layer", "role", "d_in", "d_out", "rank", "page"} - set(ranked.columns))
-    if missing:
-        raise PlacementError(f"{path} lacks the column {missing[0]}: rerun placement profile")
+    ranked = read_table(path, "rerun placement profile", {"site", "layer", "role", "d_in", "d_out", "rank", "page"})
     return Plan.load(folder / "plan.json"), ranked
 
 

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
-from ..model.loss import example_losses, token_loss
+from ..model.loss import example_losses
 from . import answers
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -35,13 +35,7 @@ def task_kind(examples: list) -> str | None:
 @torch.no_grad()
 def mean_loss(model, tokenizer, examples: list, *, batch_size: int = 16, max_length: int = 256) -> float:
     """Cross-entropy per target token over all `examples`, each token weighing the same."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in data_mod.eval_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
-        tokens = batch.target_tokens()
-        total += float(token_loss(model, batch.to(device))) * tokens
-        count += tokens
-    return total / max(count, 1)
+    return per_example_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)[1]
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ from .. import data as data_mod
 from ..errors import PlacementError
 from ..measure import PeakMemory
 from ..model.loss import token_loss
-from ..outputs import (TMP_MARK, disk_error, file_mode, finite, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
+from ..outputs import (TMP_MARK, disk_error, file_mode, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
                       write_json, write_text)
+from ..plan.export import adapter_config_text
 from ..plan.plan import Plan
 
 CHECKPOINTS = "checkpoints"
@@ -251,9 +252,8 @@ def remove_checkpoint(state: Path) -> None:
     for item in sorted(state.rglob("*"), key=lambda p: p.name != "state.json"):
         if item.is_file():
             item.unlink()
-            forget(item)
     shutil.rmtree(state, ignore_errors=True)
-    forget(state)  # also what a killed run listed and had already deleted
+    forget(state)  # everything listed under it, also what a killed run listed and had already deleted
 
 
 def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings, fingerprints: dict):
@@ -318,16 +318,10 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None) -> 
 
 
 def _tidy_adapter_config(path: Path, model_name: str | None) -> str | None:
-    """Sort the targets and name the base as given; returns the base path PEFT had written."""
+    """Rewrite PEFT's adapter_config.json deterministically; returns the base path PEFT had written."""
     config = json.loads(path.read_text(encoding="utf-8"))
-    local = config.get("base_model_name_or_path")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        config["target_modules"] = sorted(targets)
-    if model_name is not None:
-        config["base_model_name_or_path"] = model_name
-    path.write_text(json.dumps(finite(config), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    return local
+    path.write_text(adapter_config_text(config, model_name), encoding="utf-8")
+    return config.get("base_model_name_or_path")
 
 
 def save_merged(peft_model, tokenizer, out: str | Path) -> None:
@@ -348,12 +342,11 @@ def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: s
     if folder.is_dir():
         for state in sorted(p for p in folder.glob("step-*") if p.is_dir()):
             remove_checkpoint(state)
-        pointer = folder / POINTER
-        if pointer.is_file():
-            pointer.unlink()
-            forget(pointer)
+        with contextlib.suppress(FileNotFoundError):
+            (folder / POINTER).unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()
+        forget(folder)
 
 
 def run_metrics(result: TrainResult, plan: Plan) -> dict:
