@@ -1,6 +1,13 @@
 """placement: find where a parameter-efficient adapter should go in a causal LM, and prove it.
 
-The flow is profile -> plan -> train -> report; each step is one module:
-`models`, `sites`, `data`, `scores`, `probe`, `ranking`, `plan`, then training and reports.
+The flow is profile -> plan -> train -> report, one subpackage per stage: `model`, `data`, `families`, `probe`,
+`plan`, `train`, `study`, `report`. In Python: `placement.apply(model, plan)` puts a plan's LoRA on a model, and
+`placement.callbacks.PlacementCallback` profiles inside a transformers Trainer.
 """
 __version__ = "0.1.0"
+
+
+def apply(model, plan, **kwargs):
+    """The plan's LoRA on `model` (a plan, a plan file or a profile folder); see `placement.train.apply.apply`."""
+    from .train.apply import apply as _apply
+    return _apply(model, plan, **kwargs)

@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from .cli_options import (ModelArgs, compare_options, demo_options, model_options, output_options, plan_options,
-                          probe_options, stability_options, strategy_options, train_command_options, user_errors,
+                          probe_options, replan_options, stability_options, train_command_options, user_errors,
                           validate_options, writes_run)
-from .outputs import finite, json_text, run_folder
+from .outputs import finite, run_folder
 
 
 def _load(args: ModelArgs, quiet=True):
@@ -111,21 +111,23 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
 
 @main.command("plan")
 @click.argument("source", type=click.Path())
-@strategy_options
+@replan_options
 @plan_options
 @output_options
 @user_errors
-def plan_cmd(source, strategy, rank, check_model, trust_remote_code, out, peft_config, overwrite, as_json, quiet):
-    """Make a placement plan from a profile's folder, its scores.csv or a plan file; without --out or --peft-config
-    print the plan JSON."""
+def plan_cmd(source, strategy, rank, variant, fmt, check_model, trust_remote_code, out, peft_config, overwrite,
+             as_json, quiet):
+    """Make a placement plan from a profile's folder, its scores.csv or a plan file, and write it in --format (our
+    plan JSON, PEFT, axolotl, LLaMA-Factory, Spectrum); without --out or --peft-config print it."""
     from .plan.export import export, plan_from_source, replan
+    from .plan.formats import render
 
-    new = replan(source, plan_from_source(source, rank), strategy)
+    new = replan(source, plan_from_source(source, rank), strategy).with_variant(variant)
     if check_model:
         new.check(_load(ModelArgs(check_model, trust_remote_code=trust_remote_code))[0])
     if not out and not peft_config:
-        return click.echo(json_text(new.to_json()), nl=False)
-    _emit(*export(new, out, peft_config, overwrite), as_json)
+        return click.echo(render(new, fmt), nl=False)
+    _emit(*export(new, out, peft_config, overwrite, fmt), as_json)
 
 
 @main.command()
@@ -162,13 +164,13 @@ def report(run_dir):
 @output_options
 @user_errors
 def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed,
-              max_new_tokens, rank, save_every, resume, merge, out, overwrite, as_json, quiet):
+              max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json, quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from .plan import Plan
     from .train import TrainSettings, checkpoint_refusal
     from .train.run import summary_lines, train_and_evaluate
 
-    chosen = Plan.load(plan_path).with_rank(rank)
+    chosen = Plan.load(plan_path).with_rank(rank).with_variant(variant)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                              save_every=save_every)
     settings.check(max_new_tokens)

@@ -60,9 +60,11 @@ class ModelArgs:
     trust_remote_code: bool = False
 
 
-def _strategy(strategy: str, k, max_params, strategy_seed):
+def _strategy(strategy: str | None, k, max_params, strategy_seed):
     from .plan.strategies import Strategy
 
+    if strategy is None:
+        return None
     chosen = Strategy(strategy, k=k, max_params=max_params, seed=strategy_seed)
     chosen.check()
     return chosen
@@ -89,13 +91,20 @@ run_options = options(
     click.option("--out", required=True, type=click.Path(), help="output folder (a run folder, see run.json)"),
     click.option("--overwrite", is_flag=True, help="replace an earlier run of placement in --out (only its files)"),
     click.option("--report", "make_report", is_flag=True, help="also write OUT/report.html"))
+_strategy_details = (
+    click.option("--k", type=int, default=None, help="sites for top-k, layers for last-k"),
+    click.option("--max-params", type=int, default=None, help="trainable-parameter budget for --strategy budget"),
+    click.option("--strategy-seed", type=int, default=0, show_default=True, help="seed of random-1"))
 strategy_options = grouped(
     "strategy", _strategy,
     click.option("--strategy", default="dominant", show_default=True, type=click.Choice(STRATEGIES),
                  help=strategy_help()),
-    click.option("--k", type=int, default=None, help="sites for top-k, layers for last-k"),
-    click.option("--max-params", type=int, default=None, help="trainable-parameter budget for --strategy budget"),
-    click.option("--strategy-seed", type=int, default=0, show_default=True, help="seed of random-1"))
+    *_strategy_details)
+replan_options = grouped(  # plan: without --strategy the source plan keeps its own
+    "strategy", _strategy,
+    click.option("--strategy", default=None, type=click.Choice(STRATEGIES),
+                 help=strategy_help() + " [default: the source plan's strategy]"),
+    *_strategy_details)
 batch_options = options(
     click.option("--batch-size", type=int, default=8, show_default=True),
     click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, at most"),
@@ -112,6 +121,13 @@ train_options = options(
     click.option("--lr", type=float, default=1e-3, show_default=True, help="peak learning rate"),
     batch_options,
     click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generation length for exact match"))
+
+VARIANTS = ["lora", "rslora", "dora", "pissa", "olora"]  # families.lora.VARIANTS, without importing PEFT here
+variant_option = click.option(
+    "--variant", default=None,
+    help=f"LoRA variant of PEFT on the plan's sites, one of {', '.join(VARIANTS)}: rslora (alpha / sqrt(r)), dora (magnitude and direction), "
+         "pissa or olora (init from W) [default: the plan's, plain LoRA]")
+FORMATS = ["plan", "peft", "axolotl", "llama-factory", "spectrum", "spectrum-unfrozen"]  # plan.formats.FORMATS
 
 probe_options = options(  # profile: the model, the data, the LoRA and probe the scores assume, the strategy
     model_options,
@@ -135,10 +151,15 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
 
 plan_options = options(  # plan: rank, model check and the files it writes
     click.option("--r", "rank", type=int, default=None, help="LoRA rank of the plan (default: the probe's)"),
+    variant_option,
+    click.option("--format", "fmt", default="plan", show_default=True,
+                 help=f"one of {', '.join(FORMATS)}: what --out holds (or what is printed without it): our plan JSON, PEFT's adapter_config.json, "
+                      "an axolotl or LLaMA-Factory config fragment, Spectrum's score JSON, or Spectrum's "
+                      "unfrozen_parameters (full fine-tuning of the sites, not LoRA)"),
     click.option("--model", "check_model", default=None,
                  help="check the plan against this model first (" + MODEL_HELP + ")"),
     click.option("--trust-remote-code", is_flag=True, help="allow the model's own code when checking --model"),
-    click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan JSON here"),
+    click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the plan in --format here"),
     click.option("--peft-config", type=click.Path(file_okay=False), default=None,
                   help="write PEFT's adapter_config.json into this folder"),
     click.option("--overwrite", is_flag=True, help="replace an existing --out file or adapter_config.json"))
@@ -157,6 +178,7 @@ train_command_options = options(  # train: the plan, the model, the data, the ru
     data_split_options,
     train_options,
     click.option("--r", "rank", type=int, default=None, help="LoRA rank (default: the plan's)"),
+    variant_option,
     click.option("--save-every", type=int, default=0, show_default=True, help="checkpoint every N steps (0: never)"),
     click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out"),
     click.option("--merge", is_flag=True, help="also write the merged model to OUT/merged"),

@@ -130,7 +130,7 @@ def test_plan_with_missing_site_is_refused(invoke, assert_one_line_error, profil
     data = json.loads((out / "plan.json").read_text())
     data["sites"][0]["site"] = "model.layers.9.mlp.down_proj"
     (tmp_path / "plan.json").write_text(json.dumps(data))
-    result = invoke("plan", tmp_path, "--model", model_dir, "--out", tmp_path / "p.json")
+    result = invoke("plan", tmp_path, "--strategy", "dominant", "--model", model_dir, "--out", tmp_path / "p.json")
     assert_one_line_error(result, "model.layers.9.mlp.down_proj", "not in this model")
     assert not (tmp_path / "p.json").exists()
 

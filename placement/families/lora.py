@@ -10,13 +10,15 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import PlacementError
 from ..model.sites import find_sites
 from .base import Family, register
 
 
-def lora_params(site: dict, r: int) -> int:
-    """Trainable parameters of a rank-r LoRA on a site row: A is r x d_in, B is d_out x r."""
-    return r * (site["d_in"] + site["d_out"])
+def lora_params(site: dict, r: int, dora: bool = False) -> int:
+    """Trainable parameters of a rank-r LoRA on a site row: A is r x d_in, B is d_out x r; DoRA adds a magnitude
+    per output."""
+    return r * (site["d_in"] + site["d_out"]) + (site["d_out"] if dora else 0)
 
 
 def lora_config(peft: dict) -> LoraConfig:
@@ -42,6 +44,44 @@ def draw_lora_a(module: nn.Module, lora_kwargs: dict, seed: int) -> torch.Tensor
     torch.manual_seed(seed)
     inject_adapter_in_model(LoraConfig(target_modules=["site"], fan_in_fan_out=conv, **kwargs), box)
     return box.site.lora_A["default"].weight.detach().float().clone()
+
+
+# -- variants: PEFT's own switches on the same sites ----------------------------------------------------------------
+# name -> the LoraConfig arguments that make it; the plain LoRA sets none of them.
+VARIANTS: dict[str, dict] = {
+    "lora": {},
+    "rslora": {"use_rslora": True},  # scale alpha / sqrt(r) instead of alpha / r
+    "dora": {"use_dora": True},  # a trained magnitude per output, direction by LoRA
+    "pissa": {"init_lora_weights": "pissa"},  # A, B from W's top singular vectors; W keeps the residual
+    "olora": {"init_lora_weights": "olora"},  # A, B from a QR of W; W keeps the residual
+}
+VARIANT_KEYS = ("use_rslora", "use_dora", "init_lora_weights")
+# Variants that start from W itself and change the base weights when applied: their adapter is saved as the
+# difference from its initial value (PEFT's conversion), a plain LoRA of twice the rank that loads on the original
+# base. Their first gradients also differ from the default init the probe scores.
+MUTATES_BASE = {"pissa", "olora"}
+INIT_DIFFERS = {"pissa", "olora", "dora"}
+
+
+def check_variant(name: str) -> str:
+    if name not in VARIANTS:
+        raise PlacementError(f"unknown LoRA variant '{name}': choose one of {', '.join(VARIANTS)}")
+    return name
+
+
+def with_variant(peft: dict, name: str) -> dict:
+    """A plan's PEFT arguments with the variant's switches, and no other variant's."""
+    base = {k: v for k, v in peft.items() if k not in VARIANT_KEYS}
+    return base | VARIANTS[check_variant(name)]
+
+
+def variant_of(peft: dict) -> str:
+    """The variant a plan's PEFT arguments make: `lora` when they set none of the switches, `custom` for a
+    combination no variant names (say DoRA with PiSSA's init, or a Gaussian init)."""
+    found = {k: True for k in ("use_rslora", "use_dora") if peft.get(k)}
+    if peft.get("init_lora_weights", True) is not True:
+        found["init_lora_weights"] = peft["init_lora_weights"]
+    return next((name for name, switches in VARIANTS.items() if found == switches), "custom")
 
 
 LORA = register(Family(

@@ -130,8 +130,14 @@ def find_sites(model: nn.Module, include_routers: bool = False) -> list[Site]:
     experts = _num_experts(model)
     sites = []
     for layer, block in enumerate(blocks):
+        inside = None  # a PEFT layer being walked: its base_layer, lora_A, lora_B, ... are not sites
         for path, module in block.named_modules():
-            if not is_linear(module):
+            if inside and path.startswith(inside):
+                continue
+            base = getattr(module, "base_layer", None)
+            if isinstance(base, nn.Module) and is_linear(base):  # PEFT wraps the site: the site keeps its name
+                inside, module = path + ".", base
+            elif not is_linear(module):
                 continue
             d_in, d_out = shape_of(module)
             role = role_of(path, d_out, experts)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
 from ..errors import PlacementError
-from ..families.lora import lora_config, lora_params
+from ..families.lora import lora_config, lora_params, variant_of, with_variant
 from ..model.sites import find_sites, fingerprint
 from ..outputs import finite, write_json
 from .strategies import Strategy, select
@@ -51,11 +51,9 @@ class Plan:
             peft["alpha_pattern"] = {t: _number(scale * rank) for t, rank in rank_pattern.items()}
         if rank_pattern:
             peft["rank_pattern"] = rank_pattern
-        by_name = {s["site"]: s for s in sites}
-        params = sum(lora_params(by_name[t], _rank_for(t, peft)) for t in targets)
         return cls(model=model, probe=probe, sites=sites, strategy=asdict(strategy) | {"label": strategy.label()},
                    targets=targets, peft=peft, concentration=concentration or {}, stability=stability or {},
-                   trainable_params=params, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                   trainable_params=_count(sites, targets, peft), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def with_strategy(self, strategy: Strategy, rank_pattern: dict | None = None, r: int | None = None) -> "Plan":
         """The same probe and ranking, another choice of sites; `r` changes the rank and keeps alpha / r."""
@@ -76,6 +74,18 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
+
+    def with_variant(self, variant: str | None) -> "Plan":
+        """The same sites with a LoRA variant of PEFT (rslora, dora, pissa, olora; `lora` the plain one), recorded in
+        the plan's PEFT arguments so the adapter and every export carry it (itself when `variant` is None)."""
+        if variant is None:
+            return self
+        peft = with_variant(self.peft, variant)
+        return replace(self, peft=peft, trainable_params=_count(self.sites, self.targets, peft))
+
+    @property
+    def variant(self) -> str:
+        return variant_of(self.peft)
 
     def with_rank(self, r: int | None) -> "Plan":
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
@@ -128,7 +138,10 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return self.strategy.get("label", self.strategy.get("name", "plan"))
+        """The strategy's label, with the variant as a suffix when it is not the plain LoRA (dominant+dora)."""
+        label = self.strategy.get("label", self.strategy.get("name", "plan"))
+        variant = self.variant
+        return label if variant == "lora" or label.endswith(f"+{variant}") else f"{label}+{variant}"
 
 
 def read_plan(path: str | Path) -> tuple[Path, dict]:
@@ -213,6 +226,12 @@ def peft_problem(peft: dict, targets: list[str]) -> str | None:
         if stray:
             return f"peft.{key} names '{stray[0]}', which is not among the targets"
     return None
+
+
+def _count(sites: list[dict], targets: list[str], peft: dict) -> int:
+    """Trainable parameters of the plan's adapters, each at its own rank (DoRA's magnitudes counted)."""
+    by_name = {s["site"]: s for s in sites}
+    return sum(lora_params(by_name[t], _rank_for(t, peft), dora=bool(peft.get("use_dora"))) for t in targets)
 
 
 def _rank_for(target: str, peft: dict) -> int:

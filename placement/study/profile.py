@@ -71,20 +71,16 @@ def calibration_batches(tokenizer, spec: str, *, batches: int, batch_size: int, 
                                  max_length=max_length, seed=seed)
 
 
-def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
-                max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
-                strategy: Strategy | None = None, progress: bool = False, examples: list | None = None,
-                bootstrap: int = 200) -> Profile:
-    """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast).
-    `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
-    the convergence curve are those of the `page` ranking, the score every batch records."""
+def checked_settings(settings: ProbeSettings | None, score: str, strategy: Strategy | None,
+                     bootstrap: int) -> tuple[ProbeSettings, Strategy]:
+    """The probe settings and strategy, completed (the spectrum when a score or strategy needs it) and checked:
+    settings that cannot work fail before the probe spends its minutes."""
     settings = settings or ProbeSettings()
     if (score == "page_opt" or (strategy is not None and strategy.name == "allocate")) and not settings.spectrum_k:
         settings = replace(settings, spectrum_k=SPECTRUM_K)  # what was asked for needs the spectrum
     settings.check()
     strategy = strategy or Strategy()
     strategy.check()
-    # Settings that cannot work fail before the probe spends its minutes.
     if score in ("grad_energy", "page_opt") and settings.mode == "fast":
         raise PlacementError(f"--score {score} needs the exact probe (the fast one forms no gradient): drop --fast")
     if score == "page_opt" and settings.spectrum < settings.r:
@@ -92,9 +88,29 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
                              f"least --r ({settings.r})")
     if bootstrap < 0:
         raise PlacementError(f"--bootstrap {bootstrap} is negative: pass 0 (no intervals) or a number of resamples")
-    sites = find_sites(model)
+    return settings, strategy
+
+
+def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
+                max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
+                strategy: Strategy | None = None, progress: bool = False, examples: list | None = None,
+                bootstrap: int = 200) -> Profile:
+    """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast).
+    `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
+    the convergence curve are those of the `page` ranking, the score every batch records."""
+    settings, strategy = checked_settings(settings, score, strategy, bootstrap)  # fail before the data loads
     calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size,
                                 max_length=max_length, seed=settings.seed, examples=examples)
+    return profile_batches(model, source, calib, data=data, batch_size=batch_size, max_length=max_length,
+                           settings=settings, score=score, strategy=strategy, progress=progress, bootstrap=bootstrap)
+
+
+def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch_size: int, max_length: int,
+                    settings: ProbeSettings, score: str = "page", strategy: Strategy | None = None,
+                    progress: bool = False, bootstrap: int = 200) -> Profile:
+    """Probe ready calibration batches, rank the sites and make the plan (`data` names them in the plan)."""
+    settings, strategy = checked_settings(settings, score, strategy, bootstrap)
+    sites = find_sites(model)
     result = probe(model, sites, calib, settings, progress=progress)
     ranked = rank(result.scores, score)
     curve, stable = None, {}

@@ -30,7 +30,8 @@ from ..measure import PeakMemory
 from ..model.loss import token_loss
 from ..outputs import (TMP_MARK, disk_error, file_mode, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
                       write_json, write_text)
-from ..plan.export import adapter_config_text
+from ..families.lora import MUTATES_BASE, variant_of
+from ..plan.formats import adapter_config_text
 from ..plan.plan import Plan
 
 CHECKPOINTS = "checkpoints"
@@ -79,6 +80,7 @@ class TrainResult:
     settings: TrainSettings
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
+    initial_adapter: dict | None = None  # PiSSA and OLoRA: the adapter as applied, to save the trained difference
 
     @property
     def sec_per_step(self) -> float:
@@ -95,10 +97,42 @@ def apply_plan(model, plan: Plan, seed: int = 0):
     from peft import get_peft_model
 
     plan.check(model)
+    _check_variant_sites(model, plan)
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # PEFT still calls a transformers method that now warns of its renaming
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, plan.lora_config())
+        try:
+            return get_peft_model(model, plan.lora_config())
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+            if plan.variant == "lora":
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PlacementError(f"PEFT cannot apply the {plan.variant} variant to this plan's sites ({first}): "
+                                 "choose another --variant or other sites") from err
+
+
+def _check_variant_sites(model, plan: Plan) -> None:
+    """Refuse what PEFT accepts but then fails on: its OLoRA init does not transpose GPT-2's Conv1D weights (the
+    first forward fails on a shape mismatch); found by training every variant on each tiny architecture."""
+    from transformers.pytorch_utils import Conv1D
+
+    if plan.variant != "olora":
+        return
+    modules = dict(model.named_modules())
+    conv = [t for t in plan.targets if isinstance(modules.get(t), Conv1D)]
+    if conv:
+        raise PlacementError(f"PEFT's olora init does not handle Conv1D layers such as {conv[0]}: choose another "
+                             "--variant (pissa starts from W the same way and works here)")
+
+
+def initial_adapter(peft_model) -> dict | None:
+    """The adapter's tensors as applied, before any step, for the variants that change the base weights (PiSSA,
+    OLoRA): the saved adapter is then the trained one minus this, which loads on the original base."""
+    from peft import get_peft_model_state_dict
+
+    if variant_of(peft_model.peft_config["default"].to_dict()) not in MUTATES_BASE:
+        return None
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def _schedule(optimizer, settings: TrainSettings):
@@ -120,6 +154,7 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
     batches = data_mod.training_batches(tokenizer, examples, steps=settings.steps, batch_size=settings.batch_size,
                                         max_length=settings.max_length, seed=settings.seed)
     peft_model = apply_plan(model, plan, settings.seed)
+    initial = initial_adapter(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = _schedule(optimizer, settings)
@@ -158,7 +193,8 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
                 on_step(done, value)
     peft_model.eval()
     trainable = sum(p.numel() for p in params)
-    return TrainResult(peft_model, losses, lrs, seconds, peak.mib, trainable, settings, resumed_from=start)
+    return TrainResult(peft_model, losses, lrs, seconds, peak.mib, trainable, settings, resumed_from=start,
+                       initial_adapter=initial)
 
 
 # -- checkpoints: safetensors for tensors, JSON for the rest, no pickle ---------------------------------------------
@@ -294,15 +330,24 @@ def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: Tra
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
-def save_adapter(peft_model, out: str | Path, model_name: str | None = None) -> None:
+def save_adapter(peft_model, out: str | Path, model_name: str | None = None, initial: dict | None = None) -> None:
     """PEFT's own files (adapter_config.json, adapter_model.safetensors), each renamed into `out` when complete.
     adapter_config.json names the base as the user gave it (`model_name`), never a cache path of this machine, and
-    lists its targets sorted, so identical runs write identical files."""
+    lists its targets sorted, so identical runs write identical files. With `initial` (PiSSA, OLoRA), PEFT saves the
+    trained adapter minus its initial value: a plain LoRA of twice the rank that loads on the original base."""
     out = Path(out)
     make_dirs(out)
     staged = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}adapter.", dir=out))
     try:
-        peft_model.save_pretrained(str(staged), safe_serialization=True)
+        conversion = {}
+        if initial is not None:
+            start = staged / "initial"
+            start.mkdir()
+            save_file(initial, str(start / "adapter_model.safetensors"), metadata={"format": "pt"})
+            conversion = {"path_initial_model_for_weight_conversion": str(start)}
+        peft_model.save_pretrained(str(staged), safe_serialization=True, **conversion)
+        if initial is not None:
+            shutil.rmtree(staged / "initial")
         local = _tidy_adapter_config(staged / "adapter_config.json", model_name)
         card = staged / "README.md"
         if local and model_name is not None and card.is_file():  # PEFT's model card names the base too
@@ -335,7 +380,7 @@ def save_merged(peft_model, tokenizer, out: str | Path) -> None:
 def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: str | None = None) -> None:
     """The adapter, metrics.json and loss.csv; the checkpoints are dropped once the run is complete."""
     out = Path(out)
-    save_adapter(result.model, out, model_name)
+    save_adapter(result.model, out, model_name, initial=result.initial_adapter)
     write_json(out / "metrics.json", metrics)
     write_csv(out / "loss.csv", result.curve())
     folder = out / CHECKPOINTS
