@@ -71,8 +71,8 @@ def check_variant(name: str) -> str:
 
 def with_variant(peft: dict, name: str) -> dict:
     """A plan's PEFT arguments with the variant's switches, and no other variant's."""
-    base = {k: v for k, v in peft.items() if k not in VARIANT_KEYS}
-    return base | VARIANTS[check_variant(name)]
+    plain = {"use_rslora": False, "use_dora": False, "init_lora_weights": True}  # LoraConfig's defaults
+    return {k: v for k, v in peft.items() if k not in VARIANT_KEYS} | plain | VARIANTS[check_variant(name)]
 
 
 def variant_of(peft: dict) -> str:
