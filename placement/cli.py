@@ -190,7 +190,7 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr
 @compare_options
 @writes_run
 def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed, max_new_tokens, arms,
-            rank, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds, resume, out, overwrite, make_report,
+            rank, variant, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds, resume, out, overwrite, make_report,
             as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
@@ -202,7 +202,7 @@ def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size,
     probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
     probe_settings.check()
     splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
-    parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens)
+    parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens, variant)
     compare_settings = CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, seeds=seeds,
                                        max_new_tokens=max_new_tokens, sweep_steps=sweep_steps, resume=resume)
     compare_settings.check()

@@ -192,6 +192,7 @@ compare_options = options(  # compare: the model, data and training, the arms an
     click.option("--arms", default="dominant,all-linear,attn-qv,ffn,last-2,random-1,top-4", show_default=True,
                   help="comma-separated: " + arm_help()),
     click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of arms without :rN"),
+    variant_option,
     click.option("--alpha", type=float, default=16, show_default=True,
                  help="LoRA alpha at rank --r (alpha / r is kept)"),
     click.option("--scores", type=click.Path(), default=None,

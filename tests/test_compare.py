@@ -216,7 +216,7 @@ def test_cli_bad_training_input(invoke, model_dir, plan_dir, tmp_path, args, wor
 
 @pytest.mark.parametrize("arm, words", [("budget", ["budget-P%"]), ("top-4%", ["no percentage"]),
                                         ("dominant-3", ["takes no count"]), ("top-2.5", ["whole number"]),
-                                        ("budget-200%", ["at most 100%"]), ("dominant+dora", ["variants"]),
+                                        ("budget-200%", ["at most 100%"]), ("dominant+vera", ["unknown LoRA variant", "+dora"]),
                                         ("dominant:len10", [":len", "virtual tokens"])])
 def test_the_arm_grammar_refuses_what_an_arm_cannot_take(arm, words):
     with pytest.raises(PlacementError) as err:
@@ -253,3 +253,23 @@ def test_allocate_arms_spend_their_share_by_the_spectrum(make_plan):
     assert set(plan.peft["rank_pattern"]) == set(plan.targets)
     with pytest.raises(PlacementError, match="spectrum"):
         arm_plan(parse_arms("allocate-10%")[0], base, model, default_k=4, spectrum=None)
+
+
+def test_variant_arms_train_their_variant_and_the_table_says_where_the_ranking_came_from(make_plan, tmp_path):
+    from placement.compare import compare_inputs
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=3).requires_grad_(False), tiny_tokenizer()
+    base = make_plan(model, Strategy("dominant"))
+    splits = data_mod.task_splits(boolean_examples(24), None, test=4, validation=2, seed=0)
+    arms, _, _ = compare_inputs("dominant,dominant+dora,top-2", splits, False, None, None, 4, variant="rslora")
+    assert [a.label for a in arms] == ["dominant+rslora", "dominant+dora", "top-2+rslora"]
+    settings = CompareSettings(arms, TrainSettings(steps=2, batch_size=4, max_length=48), max_new_tokens=4)
+    comparison = run_compare(model, tokenizer, base, splits, settings, tmp_path, log=lambda line: None)
+    write_comparison(comparison, tmp_path)
+    dora = json.loads((tmp_path / "arms" / "dominant+dora" / "adapter_config.json").read_text())
+    rslora = json.loads((tmp_path / "arms" / "dominant+rslora" / "adapter_config.json").read_text())
+    assert dora["use_dora"] and not dora["use_rslora"] and rslora["use_rslora"] and not rslora["use_dora"]
+    rows = comparison.table.set_index("arm")
+    assert rows.loc["dominant+dora", "trainable_params"] == rows.loc["dominant+rslora", "trainable_params"] + \
+        base.sites[0]["d_out"]
+    assert "default init" in (tmp_path / "comparison.md").read_text()

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import PlacementError
-from ..families.lora import lora_params
+from ..families.lora import VARIANTS, lora_params
 from ..model.sites import ROLES, find_sites, num_layers
 from . import selectors
 
@@ -234,6 +234,7 @@ class Arm:
     k: int | None = None
     r: int | None = None
     percent: float | None = None  # budget-P%: P% of all-linear LoRA's parameters at the arm's rank
+    variant: str | None = None  # a LoRA variant of PEFT (+dora, +pissa, ...); None: the comparison's default
 
 
 _ARMS = {kind.arm: kind for kind in REGISTRY.values() if kind.arm}
@@ -248,7 +249,8 @@ def arm_help() -> str:
     for kind in _ARMS.values():
         forms.append({"required": f"{kind.arm}-N", "optional": f"{kind.arm}[-N]",
                       "percent": f"{kind.arm}-P%"}.get(kind.count, kind.arm))
-    return ", ".join(forms) + "; ':rN' gives an arm its own rank, e.g. dominant:r64"
+    return (", ".join(forms) + "; ':rN' gives an arm its own rank, e.g. dominant:r64, and '+VARIANT' a LoRA variant, "
+            "e.g. dominant+dora")
 
 
 def parse_arm(label: str) -> Arm:
@@ -263,13 +265,14 @@ def parse_arm(label: str) -> Arm:
     else:
         raise PlacementError(f"unknown arm '{label}': choose from {arm_help()}")
     _check_count(label, kind, n, bool(match["percent"]))
-    if match["variant"]:
-        raise PlacementError(f"arm '{label}': LoRA variants (+{match['variant']}) are not trained by this version; "
-                             "drop the +VARIANT")
+    variant = match["variant"]
+    if variant and variant not in VARIANTS:
+        raise PlacementError(f"arm '{label}': unknown LoRA variant +{variant}; choose one of "
+                             f"{', '.join('+' + v for v in VARIANTS)}")
     r = _rank_modifier(label, match["mods"])
     if kind.count == "percent":
-        return Arm(label, kind.name, None, r, n)
-    return Arm(label, kind.name, None if n is None else int(n), r)
+        return Arm(label, kind.name, None, r, n, variant)
+    return Arm(label, kind.name, None if n is None else int(n), r, variant=variant)
 
 
 def _check_count(label: str, kind: Kind, n: float | None, percent: bool) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
-from ..families.lora import lora_params
+from ..families import lora
 from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, read_spectrum, selector_k  # noqa: F401
 from ..report.figures import loss_curves
@@ -38,9 +38,9 @@ TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "l
 
 def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectrum: dict | None = None) -> Plan:
     r = arm.r or base.peft["r"]
-    full = sum(lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: a budget arm's yardstick
+    full = sum(lora.lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: budgets' yardstick
     strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites)
-    plan = base.with_strategy(strategy, r=arm.r)
+    plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant)
     plan.strategy["label"] = arm.label
     return plan
 
@@ -346,11 +346,31 @@ def _em_text(evaluation: ev.Evaluation) -> str:
     return text
 
 
+def with_default_variant(arms: list[Arm], variant: str | None) -> list[Arm]:
+    """`--variant` for the arms that name none, written into their labels (dominant -> dominant+dora)."""
+    if variant is None:
+        return arms
+    lora.check_variant(variant)
+    if variant == "lora":
+        return [replace(a, variant=a.variant or "lora") for a in arms]
+    return [a if a.variant else replace(a, variant=variant, label=f"{a.label}+{variant}") for a in arms]
+
+
+def variant_note(labels) -> str:
+    """What comparison.md says when an arm's LoRA starts elsewhere than the init the probe scored."""
+    found = sorted({label.rsplit("+", 1)[1] for label in labels if "+" in label} & lora.INIT_DIFFERS)
+    if not found:
+        return ""
+    return (f"The site ranking behind these arms assumes PEFT's default LoRA init (B = 0, A random); "
+            f"{', '.join(found)} start elsewhere (DoRA also trains a magnitude from the first step), so for those "
+            "arms the ranking came from the default init, not from their own.\n\n")
+
+
 def compare_inputs(arms: str, splits, lr_sweep: bool, sweep_arms: str | None, scores: str | None,
-                   max_new_tokens: int) -> tuple[list[Arm], list[str] | None, Plan | None]:
+                   max_new_tokens: int, variant: str | None = None) -> tuple[list[Arm], list[str] | None, Plan | None]:
     """Everything about a comparison that can be wrong without a model, checked before any loading:
     (arms, the arms to sweep, the given profile's plan or None)."""
-    parsed = parse_arms(arms)
+    parsed = with_default_variant(parse_arms(arms), variant)
     if max_new_tokens < 1:
         raise PlacementError(f"--max-new-tokens {max_new_tokens} generates nothing: pass a positive number such as 32")
     if lr_sweep and not splits[1]:
@@ -408,7 +428,8 @@ def write_comparison(comparison: Comparison, out, title: str = "") -> list:
     """comparison.csv, comparison.md, comparison.json and curves.png, each written atomically."""
     out = Path(out)
     write_csv(out / "comparison.csv", comparison.table)
-    write_text(out / "comparison.md", (f"# {title}\n\n" if title else "") + comparison.markdown() + "\n")
+    write_text(out / "comparison.md", (f"# {title}\n\n" if title else "") + variant_note(comparison.table["arm"])
+               + comparison.markdown() + "\n")
     write_json(out / "comparison.json", ({"kind": comparison.kind, "rows": comparison.table.to_dict("records"),
                                                   "curves": comparison.curves}))
     loss_curves(comparison.curves, comparison.table, out / "curves.png", title=title)
