@@ -157,3 +157,21 @@ def test_callback_scores_a_fresh_peft_model_as_the_bare_one(tmp_path):
     assert torch.allclose(torch.tensor(mine.values), torch.tensor(theirs.values), rtol=1e-5)
     assert state.log_history[0]["placement/dominant_site"] == bare.ranked.iloc[0].site
     assert not any(p.grad is not None for p in model.parameters())  # the probe leaves no gradient behind
+
+
+def test_callback_in_trls_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from placement.callbacks import PlacementCallback
+
+    dataset = Dataset.from_dict({"text": [f"{a} + {a} = {2 * a}" for a in range(16)]})
+    callback = PlacementCallback(batches=2)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32)
+    trainer = trl.SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=dataset,
+                             processing_class=tiny_tokenizer(), callbacks=[callback],
+                             peft_config=LoraConfig(target_modules=["down_proj"], r=2))
+    trainer.train()
+    assert (tmp_path / "placement" / "plan.json").is_file()
+    assert callback.profile.summary()["sites"] == 14
