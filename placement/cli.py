@@ -9,19 +9,20 @@ from pathlib import Path
 
 import click
 
-from .cli_options import (ModelArgs, compare_options, demo_options, model_options, output_options, plan_options,
-                          probe_options, replan_options, stability_options, train_command_options, user_errors,
-                          validate_options, writes_run)
+from .cli_options import (ModelArgs, compare_options, demo_options, launchable, model_options, output_options,
+                          plan_options, probe_options, replan_options, stability_options, train_command_options,
+                          user_errors, validate_options, writes_run)
 from .outputs import finite, run_folder
 
 
 def _load(args: ModelArgs, quiet=True):
+    from .distributed import local_device
     from .model import load
 
     if not quiet:
         click.echo(f"loading {args.model} ...", err=True)
-    return load.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                     quiet=quiet)
+    return load.load(args.model, dtype=args.dtype, device=local_device(args.device),
+                     trust_remote_code=args.trust_remote_code, quiet=quiet)
 
 
 def _emit(summary: dict, lines: list[str], as_json: bool) -> None:
@@ -163,6 +164,7 @@ def report(run_dir):
 @train_command_options
 @output_options
 @user_errors
+@launchable
 def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed,
               max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json, quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""

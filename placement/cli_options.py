@@ -22,6 +22,32 @@ def user_errors(fn):
     return wrapper
 
 
+def launchable(fn):
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1): join the process group, run the same command on every
+    rank, and let rank 0 alone write --out and print. Without a launcher the command runs as it is."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .distributed import is_main, launched, rank_outputs, start, stop
+
+        if not launched():
+            return fn(*args, **kwargs)
+        if kwargs.get("resume"):
+            raise PlacementError("--resume is not supported under a launcher: resume with one process, or start "
+                                 "the run again with --overwrite")
+        model = kwargs.get("model")
+        start(model.device if isinstance(model, ModelArgs) else "cpu")
+        try:
+            with rank_outputs(kwargs.get("out")) as out:
+                if "out" in kwargs:
+                    kwargs["out"] = out
+                if not is_main():
+                    kwargs.update({k: True for k in ("quiet",) if k in kwargs})
+                return fn(*args, **kwargs)
+        finally:
+            stop()
+    return wrapper
+
+
 def options(*decorators):
     """Several click options as one decorator, applied in the order listed."""
     def apply(fn):
@@ -230,4 +256,4 @@ validate_options = options(  # validate: the model, the data, the sites, their t
     click.option("--alpha", type=float, default=16, show_default=True, help="LoRA alpha"))
 
 # every command that writes a run folder ends its decorators so; user_errors innermost
-writes_run = options(run_options, output_options, user_errors)
+writes_run = options(run_options, output_options, user_errors, launchable)

@@ -27,6 +27,10 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
+    def share(self, rank: int, world: int) -> "Batch":
+        """This rank's rows of a global batch (rows rank, rank + world, ...)."""
+        return Batch(self.input_ids[rank::world], self.attention_mask[rank::world], self.labels[rank::world])
+
 
 def pad_token_id(tokenizer) -> int:
     # Padding is masked out of attention and loss, so any valid id works when a tokenizer names none.

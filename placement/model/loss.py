@@ -32,3 +32,19 @@ def example_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]
     per_token = torch.zeros(keep.shape, dtype=logits.dtype, device=logits.device)
     per_token[keep] = F.cross_entropy(logits, targets, reduction="none")
     return per_token.sum(dim=1), keep.sum(dim=1)
+
+
+class SummedTokenLoss(nn.Module):
+    """(summed cross-entropy, target-token count) of a batch, as a module: DistributedDataParallel wraps it so the
+    forward that builds the graph passes through DDP, which then averages the adapters' gradients over ranks."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        from types import SimpleNamespace
+
+        batch = SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        logits, targets, keep = _target_logits(self.model, batch)
+        return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import rank_and_world
 from ..errors import PlacementError
 from ..model.loss import token_loss
 from ..model.sites import Site, find_blocks, modules_by_name
 from .buffers import Accumulator
 from .draws import SiteState, draw_sites
 from .inputs import InputTracker
-from .reduce import rank_and_world, reduce_over_ranks
+from .reduce import reduce_over_ranks
 from .results import ProbeResult, probe_result
 from .settings import ProbeSettings
 
@@ -109,6 +110,9 @@ class Probe:
         if not batches:
             raise PlacementError("no calibration batches: pass --batches 1 or more")
         rank, world = rank_and_world()
+        if len(batches) < world:  # uneven shares are exact (every sum is reduced); an empty one has nothing to sum
+            raise PlacementError(f"{len(batches)} calibration batch(es) for {world} ranks: pass --batches of at "
+                                 "least the number of processes")
         start = time.perf_counter()
         tokens = 0
         with self._hooked():

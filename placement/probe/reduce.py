@@ -6,30 +6,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed import all_sum
 from .buffers import Accumulator
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def reduce_over_ranks(acc: Accumulator, tokens: int, batch_page: np.ndarray, world: int) -> tuple[int, np.ndarray]:
     """Sum every accumulator over ranks; gather per-batch pages in the original batch order (rank r took batches
     r, r + world, ...)."""
-    on_device = dist.get_backend() == "nccl"  # gloo reduces host tensors
-
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        moved = t if on_device else t.cpu()
-        dist.all_reduce(moved)
-        return moved.to(t.device)
-
-    counts = all_reduce(torch.tensor([st.examples for st in acc.states] + [tokens], device=acc.device))
+    counts = all_sum(torch.tensor([st.examples for st in acc.states] + [tokens], device=acc.device))
     for st, count in zip(acc.states, counts.tolist()):
         st.examples = int(count)
-        st.g_sum = all_reduce(st.g_sum)
-    acc.sums, acc.sampled_sum = all_reduce(acc.sums), all_reduce(acc.sampled_sum)
+        st.g_sum = all_sum(st.g_sum)
+    acc.sums, acc.sampled_sum = all_sum(acc.sums), all_sum(acc.sampled_sum)
     if acc.spectrum_sum is not None:
-        acc.spectrum_sum = all_reduce(acc.spectrum_sum)
+        acc.spectrum_sum = all_sum(acc.spectrum_sum)
     gathered = [None] * world
     dist.all_gather_object(gathered, batch_page)
     total = sum(len(part) for part in gathered)

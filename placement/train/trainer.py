@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
+from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
+from ..families.lora import MUTATES_BASE, variant_of
 from ..measure import PeakMemory
-from ..model.loss import token_loss
+from ..model.loss import SummedTokenLoss, token_loss
 from ..outputs import (TMP_MARK, disk_error, file_mode, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
                       write_json, write_text)
-from ..families.lora import MUTATES_BASE, variant_of
 from ..plan.formats import adapter_config_text
 from ..plan.plan import Plan
 
@@ -135,6 +136,32 @@ def initial_adapter(peft_model) -> dict | None:
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
+def _step_loss(peft_model, device, settings: TrainSettings):
+    """batch -> (the loss to differentiate, the global mean token loss): the mean over the global batch's target
+    tokens. On several ranks each takes its rows of the batch through DistributedDataParallel and divides its summed
+    token loss by the all-reduced token count times the world size, since DDP averages the gradients over ranks:
+    the sum of the ranks' gradients is then that of the global mean, as one process would compute it."""
+    rank, world = rank_and_world()
+    if world == 1:
+        def single(batch):
+            loss = token_loss(peft_model, batch.to(device))
+            return loss, float(loss.detach())
+        return single
+    if settings.batch_size < world:
+        raise TrainError(f"--batch-size {settings.batch_size} is split over {world} ranks: pass at least {world}")
+    from torch.nn.parallel import DistributedDataParallel
+
+    engine = DistributedDataParallel(SummedTokenLoss(peft_model),
+                                     device_ids=[device] if device.type == "cuda" else None)
+
+    def shared(batch):
+        summed, tokens = engine(**vars(batch.share(rank, world).to(device)))
+        total = all_sum(tokens.detach().to(torch.float64))
+        value = float(all_sum(summed.detach().to(torch.float64)) / total)
+        return summed * world / total.to(summed.dtype), value
+    return shared
+
+
 def _schedule(optimizer, settings: TrainSettings):
     from transformers import get_linear_schedule_with_warmup
 
@@ -168,14 +195,14 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
             raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
         start, losses, lrs = load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
     device = next(peft_model.parameters()).device
+    step_loss = _step_loss(peft_model, device, settings)
     peft_model.train()
     seconds = []
     with PeakMemory(device) as peak:
         for step in tqdm(range(start, settings.steps), desc="training", disable=not progress, initial=start,
                          total=settings.steps):
             began = time.perf_counter()
-            loss = token_loss(peft_model, batches[step].to(device))
-            value = float(loss.detach())
+            loss, value = step_loss(batches[step])
             if not math.isfinite(value):
                 raise TrainError(f"the training loss is {value} at step {step + 1}: lower --lr or check the data")
             loss.backward()
