@@ -24,6 +24,7 @@ class Accumulator:
         self.sums = torch.zeros(n, 3, dtype=torch.float64, device=device)
         self.sampled_sum = torch.zeros(n, m, dtype=torch.float64, device=device)
         self.batch_page: list[torch.Tensor] = []
+        self.nonfinite = torch.zeros(n, dtype=torch.int64, device=device)  # batches whose gradient overflowed
         # sum over batches of each site's top sigma_i(G_b)^2: page_opt and the spectrum for rank allocation
         self.spectrum_sum = torch.zeros(n, settings.spectrum, dtype=torch.float64, device=device) \
             if settings.spectrum else None

@@ -43,6 +43,7 @@ class Probe:
             raise PlacementError(f"site {missing[0]} is not a module of this model: rediscover the sites")
         self.modules = [modules[s.name] for s in sites]
         self.device = next(model.parameters()).device
+        self.half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         self.states = draw_sites(sites, self.modules, settings, self.device)
         self.inputs = InputTracker(settings.mode)
         self.acc = Accumulator(self.states, settings, self.device)
@@ -58,6 +59,10 @@ class Probe:
 
             def on_grad(grad):
                 d = grad.detach()
+                if self.half:  # an overflow at one site must not poison the ranking: score it zero, count it
+                    finite = torch.isfinite(d).all()
+                    self.acc.nonfinite[state.index] += ~finite
+                    d = torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
                 self.acc.absorb(state, record, xa, d, self.inputs.layout_of(d))
 
             output.register_hook(on_grad)

@@ -18,6 +18,7 @@ def reduce_over_ranks(acc: Accumulator, tokens: int, batch_page: np.ndarray, wor
         st.examples = int(count)
         st.g_sum = all_sum(st.g_sum)
     acc.sums, acc.sampled_sum = all_sum(acc.sums), all_sum(acc.sampled_sum)
+    acc.nonfinite = all_sum(acc.nonfinite)
     if acc.spectrum_sum is not None:
         acc.spectrum_sum = all_sum(acc.spectrum_sum)
     gathered = [None] * world

@@ -151,6 +151,11 @@ def summary_lines(summary: dict, profile: Profile, out) -> list[str]:
         lines.append(f"stability       top in {100 * summary['p_top']:.0f}% of {plan.stability['bootstrap']} bootstrap "
                      f"resamples; top site fixed from batch {summary['top_stable_after_batches']} of "
                      f"{summary['batches']}")
+    overflowed = profile.result.scores.get("nonfinite_batches")
+    if overflowed is not None and overflowed.any():
+        lines.append(f"warning         {int((overflowed > 0).sum())} site(s) had a non-finite gradient in "
+                     f"{summary.get('dtype', 'half precision')} on some batches (scores.csv column "
+                     "nonfinite_batches): their scores average the finite batches; try --dtype float32")
     return lines + [
         f"probe           {summary['batches']} batches, {summary['tokens']} target tokens, {summary['seconds']:.1f} s "
         f"({profile.result.settings.mode})",
@@ -164,6 +169,8 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     columns = [c for c in CSV_COLUMNS if c in profile.ranked.columns]
+    if "nonfinite_batches" in profile.ranked.columns and profile.ranked["nonfinite_batches"].any():
+        columns.append("nonfinite_batches")  # half precision overflowed at some sites: say where
     write_csv(out / "scores.csv", profile.ranked[columns])
     profile.plan.save(out / "plan.json")
     heatmap(profile.ranked, out / "heatmap.png", title=title)
