@@ -165,8 +165,8 @@ def report(run_dir):
 @output_options
 @user_errors
 @launchable
-def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed,
-              max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json, quiet):
+def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size,
+              max_length, seed, max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json, quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from .plan import Plan
     from .train import TrainSettings, checkpoint_refusal
@@ -174,7 +174,7 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr
 
     chosen = Plan.load(plan_path).with_rank(rank).with_variant(variant)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                             save_every=save_every)
+                             save_every=save_every, checkpointing=checkpointing)
     settings.check(max_new_tokens)
     train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed, quiet)
     model = replace(model, model=model.model or chosen.model.get("name"))
@@ -191,7 +191,8 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, lr
 @main.command()
 @compare_options
 @writes_run
-def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size, max_length, seed, max_new_tokens, arms,
+def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size, max_length, seed,
+            max_new_tokens, arms,
             rank, variant, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds, resume, out, overwrite, make_report,
             as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
@@ -199,7 +200,8 @@ def compare(model, data, eval_data, n_test, n_validation, steps, lr, batch_size,
     from .study.compare import CompareSettings, compare_inputs
     from .train import TrainSettings
 
-    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
+    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+                             checkpointing=checkpointing)
     settings.check(max_new_tokens)
     probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
     probe_settings.check()

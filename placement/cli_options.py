@@ -144,6 +144,7 @@ data_split_options = options(
                  help="validation examples, held out from the training data [default: 10%, at most 64]"))
 train_options = options(
     click.option("--steps", type=int, default=200, show_default=True),
+    click.option("--checkpointing", is_flag=True, help="gradient checkpointing: less memory, one more forward"),
     click.option("--lr", type=float, default=1e-3, show_default=True, help="peak learning rate"),
     batch_options,
     click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generation length for exact match"))

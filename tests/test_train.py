@@ -162,3 +162,15 @@ def test_rank_override_keeps_alpha_over_r(make_plan):
     assert bigger.trainable_params == 4 * plan.trainable_params
     model = apply_plan(tiny_model("llama"), bigger)
     assert model.peft_config["default"].r == 16
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(make_plan, tokenizer):
+    plan = make_plan(tiny_model("llama", num_hidden_layers=3), Strategy("top-k", k=3))
+    plain = train(tiny_model("llama", num_hidden_layers=3), tokenizer, plan, examples(), settings(steps=3))
+    saved = train(tiny_model("llama", num_hidden_layers=3), tokenizer, plan, examples(),
+                  settings(steps=3, checkpointing=True))
+    assert saved.model.base_model.model.is_gradient_checkpointing
+    a = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
+    b = {k: v for k, v in saved.model.named_parameters() if v.requires_grad}
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert plain.losses == pytest.approx(saved.losses, rel=1e-6)

@@ -53,6 +53,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 saves none
+    checkpointing: bool = False  # gradient checkpointing: activations recomputed in the backward, less memory
 
     def check(self, max_new_tokens: int | None = None) -> None:
         """Refuse settings that cannot train (and a generation length that generates nothing)."""
@@ -182,6 +183,9 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
                                         max_length=settings.max_length, seed=settings.seed)
     peft_model = apply_plan(model, plan, settings.seed)
     initial = initial_adapter(peft_model)
+    if settings.checkpointing:  # non-reentrant: blocks need no input that requires grad; the base stays frozen
+        peft_model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = _schedule(optimizer, settings)
