@@ -22,7 +22,7 @@ def _load(args: ModelArgs, quiet=True):
     if not quiet:
         click.echo(f"loading {args.model} ...", err=True)
     return load.load(args.model, dtype=args.dtype, device=local_device(args.device),
-                     trust_remote_code=args.trust_remote_code, quiet=quiet)
+                     trust_remote_code=args.trust_remote_code, quiet=quiet, device_map=args.device_map)
 
 
 def _emit(summary: dict, lines: list[str], as_json: bool) -> None:

@@ -84,6 +84,7 @@ class ModelArgs:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    device_map: str | None = None
 
 
 def _strategy(strategy: str | None, k, max_params, strategy_seed):
@@ -103,13 +104,16 @@ DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 _dtype = click.option("--dtype", default="float32", show_default=True, type=DTYPES)
 _device = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+_device_map = click.option("--device-map", default=None,
+                           help="auto, balanced or sequential: spread the model over the visible GPUs "
+                                "(accelerate's big-model placement)")
 _trust = click.option("--trust-remote-code", is_flag=True,
                       help="allow the model's own code from its folder or hub repo")
 model_options = grouped("model", ModelArgs, click.option("--model", default="smollm2-135m", show_default=True,
-                                                         help=MODEL_HELP), _dtype, _device, _trust)
+                                                         help=MODEL_HELP), _dtype, _device, _device_map, _trust)
 plan_model_options = grouped("model", ModelArgs, click.option("--model", default=None,
                                                               help="default: the plan's model. " + MODEL_HELP),
-                             _dtype, _device, _trust)
+                             _dtype, _device, _device_map, _trust)
 output_options = options(
     click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary as JSON"),
     click.option("--quiet", is_flag=True, help="no progress bars"))

@@ -43,3 +43,17 @@ def test_an_overflow_at_one_site_is_counted_there_and_the_rest_still_rank(batche
     assert not flagged & set(above)
     np.testing.assert_allclose(scores.loc[above, "page"], clean.loc[above, "page"], rtol=1e-6)
     assert np.isfinite(scores["page"]).all() and (scores["page"] >= 0).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_device_map_without_a_gpu_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--device-map", "auto",
+                    "--out", tmp_path / "o", "--quiet")
+    assert_one_line_error(result, "--device-map", "no", "GPU")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_device_map_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--device-map", "everywhere",
+                    "--out", tmp_path / "o", "--quiet")
+    assert_one_line_error(result, "--device-map", "auto")

@@ -244,6 +244,22 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def check_placement(dtype: str, device: str, device_map: str | None) -> None:
+    """Refuse a placement this machine cannot give, before anything loads."""
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise PlacementError(f"unknown --device-map {device_map}: choose one of {', '.join(DEVICE_MAPS)}")
+        if not torch.cuda.is_available():
+            raise PlacementError("--device-map spreads a model over GPUs and this machine has none: drop "
+                                 "--device-map (the model loads on --device)")
+    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) or device_map is not None
+    if dtype == "bfloat16" and gpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise PlacementError("this GPU has no bfloat16: pass --dtype float16 or float32")
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,13 +275,17 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     quiet: bool = True,
+    device_map: str | None = None,
 ):
-    """Load `(model, tokenizer, source)`; the model is in eval mode with every base weight frozen."""
+    """Load `(model, tokenizer, source)`; the model is in eval mode with every base weight frozen. `device_map`
+    (auto, balanced, sequential) spreads the layers over the visible GPUs with accelerate's big-model placement,
+    offloading to the CPU what does not fit; the probe brings each site's tensors to the first device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if dtype not in DTYPES:
         raise PlacementError(f"unknown --dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_placement(dtype, device, device_map)
     if quiet:
         hf_logging.disable_progress_bar()
     source = resolve(spec, quiet=quiet)
@@ -276,8 +296,8 @@ def load(
         else:
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                source.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-            )
+                source.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                **({"device_map": device_map} if device_map else {}))
     except OSError as err:  # hub id not reachable or not a model
         raise PlacementError(f"cannot load model '{spec}': {_first_line(err)}") from err
     except ValueError as err:
@@ -294,6 +314,7 @@ def load(
     source.revision = getattr(model.config, "_commit_hash", None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(pick_device(device))
+    if not device_map or source.gguf_file:
+        model.to(pick_device(device))
     model.requires_grad_(False)
     return model.eval(), tokenizer, source

@@ -45,7 +45,7 @@ class Probe:
         self.device = next(model.parameters()).device
         self.half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         self.states = draw_sites(sites, self.modules, settings, self.device)
-        self.inputs = InputTracker(settings.mode)
+        self.inputs = InputTracker(settings.mode, self.device)
         self.acc = Accumulator(self.states, settings, self.device)
 
     def _forward_hook(self, state: SiteState):
@@ -58,7 +58,7 @@ class Probe:
             xa = record.project(state.panels)
 
             def on_grad(grad):
-                d = grad.detach()
+                d = grad.detach().to(self.device)  # no copy unless the site lives on another device
                 if self.half:  # an overflow at one site must not poison the ranking: score it zero, count it
                     finite = torch.isfinite(d).all()
                     self.acc.nonfinite[state.index] += ~finite

@@ -18,10 +18,11 @@ class Input:
     token Grams of x, which are all the exact energies need of it.
     """
 
-    __slots__ = ("source", "leader", "sites", "pending", "panels", "projections", "rows", "grams")
+    __slots__ = ("source", "key", "leader", "sites", "pending", "panels", "projections", "rows", "grams")
 
-    def __init__(self, source: torch.Tensor, leader: int, group: "PanelGroup | None"):
+    def __init__(self, source: torch.Tensor, leader: int, group: "PanelGroup | None", key: tuple = ()):
         self.source: torch.Tensor | None = source.detach()
+        self.key = key  # the tensor the sites read, as found on its own device
         self.leader = leader  # index of the first site that read it
         self.sites: list[Site] = []
         self.pending = 0
@@ -79,8 +80,9 @@ class InputTracker:
     """Which input the site now firing reads: sites that share an input run one after another, so the previous
     site's record is the only one to compare with. Learns each input's panels of A for the next batch."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, device=None):
         self.mode = mode
+        self.device = device  # where the probe computes: inputs of sites on other devices are brought here
         self.layout: scores.Layout | None = None  # the batch's token layout
         self.last: Input | None = None
         self.groups: dict[int, PanelGroup | None] = {}  # leader site index -> its input's panels
@@ -89,12 +91,13 @@ class InputTracker:
         """The record of this input: the previous site's when it read the very same tensor, else a new one. Fast
         mode lets go of x once no later site can share it."""
         last = self.last
-        if last is not None and last.source is not None and last.source.data_ptr() == source.data_ptr() \
-                and last.source.shape == source.shape and last.source.stride() == source.stride():
+        key = (source.device, source.data_ptr(), tuple(source.shape), source.stride())
+        if last is not None and last.source is not None and last.key == key:
             return last
         if last is not None:
             self.retire(last)
-        self.last = Input(source, index, self.groups.get(index))
+        here = source if self.device is None else source.to(self.device)  # a model spread over devices
+        self.last = Input(here, index, self.groups.get(index), key)
         return self.last
 
     def retire(self, record: Input) -> None:
