@@ -25,6 +25,12 @@ def _load(args: ModelArgs, quiet=True):
                      trust_remote_code=args.trust_remote_code, quiet=quiet, device_map=args.device_map)
 
 
+def _no_fsdp(model: ModelArgs, command: str) -> None:
+    if model.fsdp:
+        from .errors import PlacementError
+        raise PlacementError(f"--fsdp is for profile, train and compare; {command} runs the model whole on each rank")
+
+
 def _emit(summary: dict, lines: list[str], as_json: bool) -> None:
     click.echo(json.dumps(finite(summary), indent=2, default=str) if as_json else "\n".join(lines))
 
@@ -103,7 +109,7 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
         lm, tokenizer, source = _load(model, quiet)
         result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size,
                              max_length=max_length, settings=settings, score=score, strategy=strategy,
-                             progress=not quiet, examples=examples, bootstrap=bootstrap)
+                             progress=not quiet, examples=examples, bootstrap=bootstrap, fsdp=model.fsdp)
         write_profile(result, out, title=f"{source.name} on {data}: {score}")
         _finish(out, make_report)
     summary = result.summary() | {"out": out, "targets": result.plan.targets}
@@ -136,6 +142,7 @@ def plan_cmd(source, strategy, rank, variant, fmt, check_model, trust_remote_cod
 @writes_run
 def stability(model, datas, batches, batch_size, max_length, seed, top_k, out, overwrite, make_report, as_json, quiet):
     """Probe one model on several tasks and say how far their site rankings agree (Spearman, Kendall, top-1, top-k)."""
+    _no_fsdp(model, "stability")
     from .data import load_examples
     from .study.stability import run_stability, stability_summary, task_names
 
@@ -174,7 +181,7 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, ch
 
     chosen = Plan.load(plan_path).with_rank(rank).with_variant(variant)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                             save_every=save_every, checkpointing=checkpointing)
+                             save_every=save_every, checkpointing=checkpointing, fsdp=model.fsdp)
     settings.check(max_new_tokens)
     train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed, quiet)
     model = replace(model, model=model.model or chosen.model.get("name"))
@@ -201,7 +208,7 @@ def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, 
     from .train import TrainSettings
 
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                             checkpointing=checkpointing)
+                             checkpointing=checkpointing, fsdp=model.fsdp)
     settings.check(max_new_tokens)
     probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
     probe_settings.check()
@@ -222,6 +229,7 @@ def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, 
 def validate(model, data, scores, sites, steps, lr, step_lr, batch_size, max_length, seed, n_validation, batches, rank,
              alpha, out, overwrite, make_report, as_json, quiet):
     """Train one LoRA at each of --sites sites spread over the ranking and say which score predicts the gain."""
+    _no_fsdp(model, "validate")
     from .data import load_examples, split_examples
     from .probe import ProbeSettings
     from .study import validate as study

@@ -29,12 +29,15 @@ def launchable(fn):
     def wrapper(*args, **kwargs):
         from .distributed import is_main, launched, rank_outputs, start, stop
 
+        model = kwargs.get("model")
         if not launched():
+            if isinstance(model, ModelArgs) and model.fsdp:
+                raise PlacementError("--fsdp shards the model over the ranks of a launcher: start the command with "
+                                     "torchrun --nproc_per_node N (or accelerate launch)")
             return fn(*args, **kwargs)
         if kwargs.get("resume"):
             raise PlacementError("--resume is not supported under a launcher: resume with one process, or start "
                                  "the run again with --overwrite")
-        model = kwargs.get("model")
         start(model.device if isinstance(model, ModelArgs) else "cpu")
         try:
             with rank_outputs(kwargs.get("out")) as out:
@@ -85,6 +88,7 @@ class ModelArgs:
     device: str = "cpu"
     trust_remote_code: bool = False
     device_map: str | None = None
+    fsdp: bool = False
 
 
 def _strategy(strategy: str | None, k, max_params, strategy_seed):
@@ -107,13 +111,16 @@ _device = click.option("--device", default="cpu", show_default=True, help="cpu, 
 _device_map = click.option("--device-map", default=None,
                            help="auto, balanced or sequential: spread the model over the visible GPUs "
                                 "(accelerate's big-model placement)")
+_fsdp = click.option("--fsdp", is_flag=True,
+                     help="shard the model over the ranks of torchrun / accelerate launch with FSDP2 (a model that "
+                          "fits no single device)")
 _trust = click.option("--trust-remote-code", is_flag=True,
                       help="allow the model's own code from its folder or hub repo")
 model_options = grouped("model", ModelArgs, click.option("--model", default="smollm2-135m", show_default=True,
-                                                         help=MODEL_HELP), _dtype, _device, _device_map, _trust)
+                                                         help=MODEL_HELP), _dtype, _device, _device_map, _fsdp, _trust)
 plan_model_options = grouped("model", ModelArgs, click.option("--model", default=None,
                                                               help="default: the plan's model. " + MODEL_HELP),
-                             _dtype, _device, _device_map, _trust)
+                             _dtype, _device, _device_map, _fsdp, _trust)
 output_options = options(
     click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary as JSON"),
     click.option("--quiet", is_flag=True, help="no progress bars"))

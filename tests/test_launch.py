@@ -42,13 +42,16 @@ PROFILE = ["profile", "--data", "builtin:arithmetic", "--batches", "5", "--batch
            "--bootstrap", "20", "--quiet"]
 
 
-def test_torchrun_profile_equals_one_process_and_only_rank_0_writes(model_dir, tmp_path):
-    both = torchrun(*PROFILE, "--model", model_dir, "--out", tmp_path / "two")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_torchrun_profile_equals_one_process_and_only_rank_0_writes(model_dir, tmp_path, engine):
+    # 5 batches over 2 ranks: uneven shares, the same sums; FSDP2 needs even shares (every rank runs each pass)
+    args = PROFILE + (["--batches", "4"] if engine == "fsdp" else [])  # the last --batches counts
+    both = torchrun(*args, "--model", model_dir, "--out", tmp_path / "two", *(["--fsdp"] if engine == "fsdp" else []))
     assert both.returncode == 0, both.stderr[-3000:]
-    one = single(*PROFILE, "--model", model_dir, "--out", tmp_path / "one")
+    one = single(*args, "--model", model_dir, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = pd.read_csv(tmp_path / "two" / "scores.csv"), pd.read_csv(tmp_path / "one" / "scores.csv")
-    assert list(a.site) == list(b.site)  # 5 batches over 2 ranks: uneven shares, the same sums
+    assert list(a.site) == list(b.site)
     for column in ("page", "page_sampled", "grad_energy", "fisher"):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-5, err_msg=column)
     assert both.stdout.count("dominant site") == 1  # rank 0 prints, rank 1 is silent
@@ -57,13 +60,14 @@ def test_torchrun_profile_equals_one_process_and_only_rank_0_writes(model_dir, t
     assert not list(tmp_path.glob("placement-rank-*"))
 
 
-def test_torchrun_train_equals_one_process_with_the_same_global_batch(model_dir, make_plan, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_torchrun_train_equals_one_process_with_the_same_global_batch(model_dir, make_plan, tmp_path, engine):
     plan = make_plan(tiny_model("llama", num_hidden_layers=3), Strategy("top-k", k=3))
     plan.save(tmp_path / "plan.json")
     args = ["train", "--plan", tmp_path / "plan.json", "--model", model_dir, "--data", "builtin:arithmetic",
             "--steps", "3", "--batch-size", "4", "--max-length", "48", "--lr", "1e-2", "--test", "4",
             "--max-new-tokens", "2", "--quiet"]
-    both = torchrun(*args, "--out", tmp_path / "two")
+    both = torchrun(*args, "--out", tmp_path / "two", *(["--fsdp"] if engine == "fsdp" else []))
     assert both.returncode == 0, both.stderr[-3000:]
     one = single(*args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -84,3 +88,9 @@ def test_launcher_refusals_are_one_line(model_dir, tmp_path):
     assert "--resume is not supported under a launcher" in result.stderr
     # each rank says it in one line; the one traceback is torchrun's own report of a failed child
     assert result.stderr.count("Traceback") <= 1 and "ChildFailedError" in result.stderr
+
+
+def test_fsdp_without_a_launcher_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--fsdp", "--out", tmp_path / "o")
+    assert_one_line_error(result, "--fsdp", "torchrun")
+    assert not (tmp_path / "o").exists()

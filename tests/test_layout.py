@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "placement"
 STAGES = ["model", "data", "families", "probe", "plan", "train", "study", "report"]
-GROUND = {"errors", "outputs", "measure"}
+GROUND = {"errors", "outputs", "measure", "distributed"}
 ANYONE_MAY_IMPORT = {"report.figures"}  # so every stage can draw
 
 
@@ -66,7 +66,7 @@ def test_every_stage_imports_only_earlier_stages():
     assert not wrong, wrong
 
 
-@pytest.mark.parametrize("path", ["errors.py", "outputs.py", "measure.py", "report/figures.py"])
+@pytest.mark.parametrize("path", ["errors.py", "outputs.py", "measure.py", "distributed.py", "report/figures.py"])
 def test_ground_modules_and_figures_import_no_stage(path):
     stages = {t for t in _imports(PACKAGE / path) if _stage(t)}
     assert not stages, stages

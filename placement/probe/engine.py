@@ -34,9 +34,11 @@ from .settings import ProbeSettings
 class Probe:
     """Measure PAGE and its companions at every site over calibration batches."""
 
-    def __init__(self, model: nn.Module, sites: list[Site], settings: ProbeSettings):
+    def __init__(self, model: nn.Module, sites: list[Site], settings: ProbeSettings, loss=None):
         settings.check()
         self.model, self.sites, self.settings = model, sites, settings
+        # batch -> mean token loss; under FSDP2 the sharded root module computes it (see model.shard)
+        self.loss = loss or (lambda batch: token_loss(model, batch))
         modules = modules_by_name(model, sites)
         missing = [s.name for s in sites if s.name not in modules]
         if missing:
@@ -102,7 +104,7 @@ class Probe:
         """One calibration batch: forward, backward (the hooks score every site), close the batch."""
         batch = batch.to(self.device)
         self.inputs.layout = self.acc.open_batch(batch)
-        loss = token_loss(self.model, batch)
+        loss = self.loss(batch)
         if not torch.isfinite(loss):
             raise PlacementError("the calibration loss is not finite: check the data and --dtype")
         loss.backward()
@@ -132,5 +134,5 @@ class Probe:
 
 
 def probe(model: nn.Module, sites: list[Site], batches: list, settings: ProbeSettings | None = None,
-          progress: bool = False) -> ProbeResult:
-    return Probe(model, sites, settings or ProbeSettings()).run(batches, progress=progress)
+          progress: bool = False, loss=None) -> ProbeResult:
+    return Probe(model, sites, settings or ProbeSettings(), loss).run(batches, progress=progress)

@@ -17,6 +17,7 @@ from .. import data as data_mod
 from ..data.examples import load_examples  # noqa: F401  (documented here: placement.profile.load_examples)
 from ..errors import PlacementError
 from ..model.load import ModelSource
+from ..model.shard import mean_loss, shard
 from ..model.sites import Site, find_sites, fingerprint, num_layers
 from ..outputs import atomic_path, write_csv
 from ..plan.plan import Plan
@@ -94,7 +95,7 @@ def checked_settings(settings: ProbeSettings | None, score: str, strategy: Strat
 def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
                 max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
                 strategy: Strategy | None = None, progress: bool = False, examples: list | None = None,
-                bootstrap: int = 200) -> Profile:
+                bootstrap: int = 200, fsdp: bool = False) -> Profile:
     """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast).
     `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
     the convergence curve are those of the `page` ranking, the score every batch records."""
@@ -102,16 +103,26 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
     calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size,
                                 max_length=max_length, seed=settings.seed, examples=examples)
     return profile_batches(model, source, calib, data=data, batch_size=batch_size, max_length=max_length,
-                           settings=settings, score=score, strategy=strategy, progress=progress, bootstrap=bootstrap)
+                           settings=settings, score=score, strategy=strategy, progress=progress, bootstrap=bootstrap,
+                           fsdp=fsdp)
 
 
 def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch_size: int, max_length: int,
                     settings: ProbeSettings, score: str = "page", strategy: Strategy | None = None,
-                    progress: bool = False, bootstrap: int = 200) -> Profile:
-    """Probe ready calibration batches, rank the sites and make the plan (`data` names them in the plan)."""
+                    progress: bool = False, bootstrap: int = 200, fsdp: bool = False) -> Profile:
+    """Probe ready calibration batches, rank the sites and make the plan (`data` names them in the plan); `fsdp`
+    shards the model over the launcher's ranks first (FSDP2)."""
     settings, strategy = checked_settings(settings, score, strategy, bootstrap)
     sites = find_sites(model)
-    result = probe(model, sites, calib, settings, progress=progress)
+    block = model_block(model, source, sites)  # before sharding: the weights' dtype and shapes as loaded
+    if fsdp:
+        from ..distributed import rank_and_world
+        world = rank_and_world()[1]
+        if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
+            raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
+                                 f"where every rank runs the same passes: pass a multiple of {world}")
+    loss = mean_loss(shard(model)) if fsdp else None
+    result = probe(model, sites, calib, settings, progress=progress, loss=loss)
     ranked = rank(result.scores, score)
     curve, stable = None, {}
     if bootstrap > 0:
@@ -132,7 +143,7 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     if strategy.name == "allocate":
         spectrum = None if result.spectrum is None else dict(zip(result.scores["site"], result.spectrum))
         strategy = allocate_strategy(strategy.max_params, spectrum, site_rows)
-    plan = Plan.build(model=model_block(model, source, sites), probe=probe_block, sites=site_rows,
+    plan = Plan.build(model=block, probe=probe_block, sites=site_rows,
                       strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
                       stability=stable)
     return Profile(result, ranked, plan, score, curve)

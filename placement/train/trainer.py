@@ -30,6 +30,7 @@ from ..errors import PlacementError
 from ..families.lora import MUTATES_BASE, variant_of
 from ..measure import PeakMemory
 from ..model.loss import SummedTokenLoss, token_loss
+from ..model.shard import shard
 from ..outputs import (TMP_MARK, disk_error, file_mode, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
                       write_json, write_text)
 from ..plan.formats import adapter_config_text
@@ -54,6 +55,7 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 saves none
     checkpointing: bool = False  # gradient checkpointing: activations recomputed in the backward, less memory
+    fsdp: bool = False  # shard the model over the launcher's ranks with FSDP2 (model.shard)
 
     def check(self, max_new_tokens: int | None = None) -> None:
         """Refuse settings that cannot train (and a generation length that generates nothing)."""
@@ -65,6 +67,8 @@ class TrainSettings:
             raise TrainError(f"--lr {self.lr} is not a learning rate: pass a positive number such as 1e-3")
         if self.save_every < 0:
             raise TrainError(f"--save-every {self.save_every} is negative: pass 0 (no checkpoints) or a step count")
+        if self.fsdp and self.save_every:
+            raise TrainError("--save-every is not supported with --fsdp: the adapter is saved once, at the end")
 
     @property
     def warmup_steps(self) -> int:
@@ -137,13 +141,13 @@ def initial_adapter(peft_model) -> dict | None:
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def _step_loss(peft_model, device, settings: TrainSettings):
+def _step_loss(peft_model, device, settings: TrainSettings, root=None):
     """batch -> (the loss to differentiate, the global mean token loss): the mean over the global batch's target
     tokens. On several ranks each takes its rows of the batch through DistributedDataParallel and divides its summed
     token loss by the all-reduced token count times the world size, since DDP averages the gradients over ranks:
     the sum of the ranks' gradients is then that of the global mean, as one process would compute it."""
     rank, world = rank_and_world()
-    if world == 1:
+    if world == 1 and root is None:
         def single(batch):
             loss = token_loss(peft_model, batch.to(device))
             return loss, float(loss.detach())
@@ -152,8 +156,9 @@ def _step_loss(peft_model, device, settings: TrainSettings):
         raise TrainError(f"--batch-size {settings.batch_size} is split over {world} ranks: pass at least {world}")
     from torch.nn.parallel import DistributedDataParallel
 
-    engine = DistributedDataParallel(SummedTokenLoss(peft_model),
-                                     device_ids=[device] if device.type == "cuda" else None)
+    # FSDP2 averages the gradients it reduce-scatters over ranks, as DDP does: the same normalisation serves both
+    engine = root or DistributedDataParallel(SummedTokenLoss(peft_model),
+                                             device_ids=[device] if device.type == "cuda" else None)
 
     def shared(batch):
         summed, tokens = engine(**vars(batch.share(rank, world).to(device)))
@@ -198,8 +203,13 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
         if state is None:
             raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
         start, losses, lrs = load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
+    root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
+    if root is not None:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        schedule = _schedule(optimizer, settings)
     device = next(peft_model.parameters()).device
-    step_loss = _step_loss(peft_model, device, settings)
+    step_loss = _step_loss(peft_model, device, settings, root)
     peft_model.train()
     seconds = []
     with PeakMemory(device) as peak:
@@ -223,6 +233,8 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
             if on_step is not None:
                 on_step(done, value)
     peft_model.eval()
+    if root is not None:  # evaluation calls the decoder and the head directly: keep the root's weights gathered
+        root.unshard()
     trainable = sum(p.numel() for p in params)
     return TrainResult(peft_model, losses, lrs, seconds, peak.mib, trainable, settings, resumed_from=start,
                        initial_adapter=initial)
@@ -376,7 +388,7 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None, ini
             start.mkdir()
             save_file(initial, str(start / "adapter_model.safetensors"), metadata={"format": "pt"})
             conversion = {"path_initial_model_for_weight_conversion": str(start)}
-        peft_model.save_pretrained(str(staged), safe_serialization=True, **conversion)
+        peft_model.save_pretrained(str(staged), safe_serialization=True, **conversion, **_gathered(peft_model))
         if initial is not None:
             shutil.rmtree(staged / "initial")
         local = _tidy_adapter_config(staged / "adapter_config.json", model_name)
@@ -391,6 +403,14 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None, ini
         raise disk_error(err, out) from err
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _gathered(peft_model) -> dict:
+    """Under FSDP2 the adapter's tensors are shards: PEFT saves them gathered (a collective: every rank calls it)."""
+    state = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    if not any(hasattr(v, "full_tensor") for v in state.values()):
+        return {}
+    return {"state_dict": {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}}
 
 
 def _tidy_adapter_config(path: Path, model_name: str | None) -> str | None:
