@@ -94,3 +94,25 @@ def test_fsdp_without_a_launcher_is_one_line(invoke, assert_one_line_error, mode
     result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--fsdp", "--out", tmp_path / "o")
     assert_one_line_error(result, "--fsdp", "torchrun")
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_compare_and_stability_equal_one_process(model_dir, tmp_path):
+    compare = ["compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant,top-2",
+               "--steps", "2", "--batch-size", "4", "--max-length", "48", "--test", "4", "--validation", "2",
+               "--batches", "2", "--max-new-tokens", "2", "--quiet"]
+    both = torchrun(*compare, "--out", tmp_path / "two")
+    assert both.returncode == 0, both.stderr[-3000:]
+    one = single(*compare, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "two" / "comparison.csv").set_index("arm")
+    b = pd.read_csv(tmp_path / "one" / "comparison.csv").set_index("arm")
+    np.testing.assert_allclose(a.loc[["dominant", "top-2"], "eval_loss"], b.loc[["dominant", "top-2"], "eval_loss"],
+                               rtol=1e-5)
+    words = tmp_path / "words.json"
+    words.write_text(json.dumps([{"instruction": f"Spell {w}", "input": "", "output": " ".join(w), "answer": w}
+                                 for w in ("cat", "dog", "bird", "fish", "cow", "hen", "ant", "bee")]))
+    stability = ["stability", "--model", model_dir, "--data", "builtin:arithmetic", "--data", words,
+                 "--batches", "2", "--batch-size", "2", "--max-length", "48", "--quiet"]
+    both = torchrun(*stability, "--out", tmp_path / "s2")
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert (tmp_path / "s2" / "stability.csv").is_file()
