@@ -95,12 +95,13 @@ def sites(model, as_json, quiet, include_routers):
 @probe_options
 @writes_run
 def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rslora, fast, draws, score, spectrum_k,
-            checkpointing, bootstrap, strategy, out, overwrite, make_report, as_json, quiet):
+            checkpointing, bootstrap, families, strategy, out, overwrite, make_report, as_json, quiet):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .data import load_examples
     from .probe import ProbeSettings
-    from .study.profile import run_profile, summary_lines, write_profile
+    from .study.profile import parse_families, profile_families, run_profile, summary_lines, write_profile
 
+    chosen = parse_families(families)
     settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
                              use_rslora=rslora, checkpointing=checkpointing, spectrum_k=spectrum_k)
     settings.check()
@@ -111,6 +112,10 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
                              max_length=max_length, settings=settings, score=score, strategy=strategy,
                              progress=not quiet, examples=examples, bootstrap=bootstrap, fsdp=model.fsdp)
         write_profile(result, out, title=f"{source.name} on {data}: {score}")
+        if chosen != ["lora"]:
+            profile_families(lm, tokenizer, data, examples, result, chosen, batches=batches, batch_size=batch_size,
+                             max_length=max_length, seed=seed, out=out, title=f"{source.name} on {data}",
+                             progress=not quiet)
         _finish(out, make_report)
     summary = result.summary() | {"out": out, "targets": result.plan.targets}
     _emit(summary, summary_lines(summary, result, out), as_json)

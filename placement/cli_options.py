@@ -185,6 +185,9 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
     click.option("--checkpointing", is_flag=True, help="gradient checkpointing: less memory, one more forward"),
     click.option("--bootstrap", type=int, default=200, show_default=True,
                   help="resamples of the calibration batches for rank intervals (0: none)"),
+    click.option("--families", default="lora", show_default=True,
+                 help="comma-separated adapter families to score: lora, ia3, series-bn, parallel-bn (the others "
+                      "into family_scores.csv, a heatmap each and families.png)"),
     strategy_options)
 
 plan_options = options(  # plan: rank, model check and the files it writes

@@ -32,6 +32,16 @@ class FamilyChecks:
         """(our init-gradient score of `site`, the same quantity from the real implementation's `.grad`)."""
         raise NotImplementedError
 
+    # PEFT's methods by default; a family of ours overrides these three with its own apply, save and loader
+    def apply_adapter(self, model, targets: list[str]):
+        return get_peft_model(model, get_family(self.family).config(self.adapter_kwargs(targets)))
+
+    def save_adapter(self, adapted, folder, targets: list[str]) -> None:
+        adapted.save_pretrained(folder)
+
+    def load_adapter(self, base, folder):
+        return PeftModel.from_pretrained(base, folder)
+
     # -- the checks ---------------------------------------------------------------------------------------------
     def rows(self, model) -> list[dict]:
         return [s.to_row() for s in get_family(self.family).find_sites(model)]
@@ -55,21 +65,21 @@ class FamilyChecks:
     def test_stated_parameters_are_what_the_adapter_trains(self, model):
         family, rows = get_family(self.family), self.rows(model)
         chosen = rows[:: max(1, len(rows) // 3)][:3]
-        adapted = get_peft_model(model, family.config(self.adapter_kwargs([r["site"] for r in chosen])))
+        adapted = self.apply_adapter(model, [r["site"] for r in chosen])
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         assert trainable == sum(family.params(row, self.size) for row in chosen)
 
     def test_adapter_round_trips(self, arch, model, tmp_path):
-        family, rows = get_family(self.family), self.rows(model)
+        rows = self.rows(model)
         torch.manual_seed(0)
-        adapted = get_peft_model(model, family.config(self.adapter_kwargs([rows[-1]["site"]])))
+        adapted = self.apply_adapter(model, [rows[-1]["site"]])
         with torch.no_grad():  # a trained-looking adapter, so that loading it changes the outputs
             for name, param in adapted.named_parameters():
                 if param.requires_grad:
                     param.add_(0.1 * torch.randn_like(param))
-        adapted.save_pretrained(tmp_path)
+        self.save_adapter(adapted, tmp_path, [rows[-1]["site"]])
         batch = random_batch(2)
-        loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+        loaded = self.load_adapter(tiny_model(arch), tmp_path).eval()
         with torch.no_grad():
             expected = adapted.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             found = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -263,3 +263,20 @@ def validation_plot(sites: pd.DataFrame, correlations: pd.DataFrame, path, title
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def family_layers(frame: pd.DataFrame, path, title: str = "") -> None:
+    """Each family's share of its own score per layer, one line per family: where in depth each family's first
+    gradient concentrates. Scores of different families are not on one scale; shares within a family are."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for family, rows in frame.groupby("family", sort=False):
+        per_layer = rows.groupby("layer")["page"].sum()
+        total = per_layer.sum()
+        ax.plot(per_layer.index, per_layer / total if total > 0 else per_layer, marker="o", ms=3, label=family)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the family's score")
+    ax.set_title(title or "init-gradient score by layer, per family", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

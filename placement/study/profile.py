@@ -205,3 +205,58 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
         written.append(out / "spectrum.safetensors")
     return [out / name for name in ("scores.csv", "plan.json", "heatmap.png", "heatmap_log.png",
                                     "batch_scores.safetensors")] + written
+
+
+def family_profile(model, calib: list, families: list[str], lora: pd.DataFrame | None = None, r: int = 8, *,
+                   seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Every asked family's init-gradient score per site, ranked within its family (scores of different families
+    are not on one scale): the identity families from one shared forward and backward, LoRA's rows from the
+    profile's ranked scores (`lora`)."""
+    from ..probe.families import family_scores
+
+    parts = []
+    if "lora" in families and lora is not None:
+        rows = lora[["site", "layer", "role", "d_in", "d_out", "page"]].assign(family="lora")
+        parts.append(rows.assign(params=[r * (i + o) for i, o in zip(rows["d_in"], rows["d_out"])]))
+    others = [f for f in families if f != "lora"]
+    if others:
+        parts.append(family_scores(model, calib, others, seed=seed, progress=progress))
+    frames = [rank(rows.drop(columns=["family"]), "page").assign(family=family)
+              for part in parts for family, rows in part.groupby("family", sort=False)]
+    columns = ["family", "site", "layer", "role", "d_in", "d_out", "params", "page", "share", "rank"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> None:
+    """family_scores.csv, a heatmap per family (heatmap_FAMILY.png) and families.png, the family-by-layer summary."""
+    from ..report.figures import family_layers
+
+    out = Path(out)
+    write_csv(out / "family_scores.csv", frame)
+    for family, rows in frame.groupby("family", sort=False):
+        if family != "lora":  # LoRA's heatmap is heatmap.png
+            heatmap(rows, out / f"heatmap_{family}.png", title=f"{title}: {family}" if title else family)
+    family_layers(frame, out / "families.png", title=title)
+
+
+FAMILY_NAMES = ("lora", "ia3", "series-bn", "parallel-bn")
+
+
+def parse_families(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAMILY_NAMES]
+    if unknown or not names:
+        raise PlacementError(f"unknown adapter family '{unknown[0] if unknown else spec}': choose from "
+                             f"{', '.join(FAMILY_NAMES)} (prompt, prefix and LLaMA-Adapter are not scored yet)")
+    return names
+
+
+def profile_families(model, tokenizer, data: str, examples, profile: Profile, families: list[str], *, batches: int,
+                     batch_size: int, max_length: int, seed: int, out, title: str, progress: bool) -> pd.DataFrame:
+    """The other families on the profile's own calibration batches, written beside it."""
+    calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size, max_length=max_length,
+                                seed=seed, examples=examples)
+    frame = family_profile(model, calib, families, profile.ranked, r=profile.result.settings.r, seed=seed,
+                           progress=progress)
+    write_families(frame, out, title=title)
+    return frame

@@ -1,0 +1,206 @@
+"""Bottleneck adapters, ours (neither PEFT 0.21 nor an `adapters` release for transformers 5 has them): a small MLP
+h -> h + s * U f(D h), D: d -> w, U: w -> d, with U zero-initialised so the adapter starts as the identity.
+
+Placements, for Llama-style blocks as LLM-Adapters puts them:
+    series    on the output of a site: y = h + s * U f(D h), h = W x   (Pfeiffer: after the FFN's down projection;
+              Houlsby also after attention's output projection)
+    parallel  beside a site: y = W x + s * U f(D x)                    (He et al., beside up and down)
+LLM-Adapters draws both D and U from N(0, 0.02), so its adapters do not start as the identity; ours keep PyTorch's
+default init for D (kaiming uniform) and U = 0, as Houlsby et al. intend with their near-identity init.
+
+Init-gradient score (DESIGN.md section 10): with U = 0, grad U = s * sum_t d_t f(D v_t)^T, where d is the gradient
+at the site's output and v the tensor D reads (the output h in series, the input x in parallel); the score is its
+squared Frobenius norm for the seed's D. A site of width d and bottleneck w trains 2 d w + w + d parameters.
+
+Files: `adapter_config.json` (our schema, `placement-bottleneck/1`) and `adapter_model.safetensors`; `load` puts them
+back on a base model (`placement.families.load`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PlacementError
+from ..model.sites import Site, find_sites
+from .base import Family, register
+
+SCHEMA = "placement-bottleneck/1"
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+PLACEMENTS = {"series": ("down", "o"), "parallel": ("up", "down")}
+
+
+@dataclass
+class BottleneckConfig:
+    targets: list[str] = field(default_factory=list)  # site names; each gets one adapter
+    placement: str = "series"  # series | parallel
+    width: int | None = None  # bottleneck size; None: d // reduction_factor
+    reduction_factor: int = 16
+    activation: str = "relu"
+    scale: float = 1.0
+    schema: str = SCHEMA
+
+    def check(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise PlacementError(f"unknown bottleneck placement {self.placement}: choose series or parallel")
+        if self.activation not in ACTIVATIONS:
+            raise PlacementError(f"unknown bottleneck activation {self.activation}: choose relu or tanh")
+        if self.width is None and self.reduction_factor < 1:
+            raise PlacementError(f"reduction factor {self.reduction_factor} must be at least 1")
+
+    def width_for(self, d: int) -> int:
+        width = self.width if self.width is not None else d // self.reduction_factor
+        if width < 1:
+            raise PlacementError(f"a bottleneck of width {width} for a site of width {d}: pass a smaller reduction "
+                                 "factor or a --width of at least 1")
+        return width
+
+
+def site_seed(seed: int, name: str) -> int:
+    """Each site's own seed, so an adapter's draw of D depends on the seed and the site, not on which others exist."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+class Bottleneck(nn.Module):
+    """s * U f(D v): zero at init (U = 0); D drawn as nn.Linear draws it, from `seed` alone."""
+
+    def __init__(self, d_read: int, width: int, d_write: int, activation: str, scale: float, seed: int = 0):
+        super().__init__()
+        self.down = nn.Linear(d_read, width)
+        self.up = nn.Linear(width, d_write)
+        weight, bias = draw_down(d_read, width, seed)
+        with torch.no_grad():
+            self.down.weight.copy_(weight)
+            self.down.bias.copy_(bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.activation, self.scale = activation, scale
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(ACTIVATIONS[self.activation](self.down(v)))
+
+
+class Adapted(nn.Module):
+    """A site with its bottleneck: series on its output, or parallel beside it."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck, placement: str):
+        super().__init__()
+        self.base_layer, self.adapter, self.placement = base, adapter, placement
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + self.adapter(y if self.placement == "series" else x)
+
+
+def _width_of(site: Site | dict, placement: str) -> int:
+    """The width the adapter reads: the output (series) or the input (parallel) of the site."""
+    get = (lambda k: site[k]) if isinstance(site, dict) else (lambda k: getattr(site, k))
+    return int(get("d_out") if placement == "series" else get("d_in"))
+
+
+def bottleneck_sites(model, placement: str = "series") -> list[Site]:
+    return [s for s in find_sites(model) if s.role in PLACEMENTS[placement]]
+
+
+def bottleneck_params(site: dict, width: int, placement: str = "series") -> int:
+    d_read, d_out = _width_of(site, placement), int(site["d_out"])
+    return d_read * width + width + width * d_out + d_out
+
+
+def apply(model: nn.Module, config: BottleneckConfig, seed: int = 0) -> nn.Module:
+    """Insert the adapters in place; the base is frozen, the adapters train. Returns the model."""
+    config.check()
+    modules = dict(model.named_modules())
+    missing = [t for t in config.targets if t not in modules]
+    if missing:
+        raise PlacementError(f"site {missing[0]} is not in this model: profile this model and make a new plan")
+    model.requires_grad_(False)
+    sites = {s.name: s for s in find_sites(model)}
+    for name in config.targets:
+        base, site = modules[name], sites[name]
+        d_read = _width_of(site, config.placement)
+        adapter = Bottleneck(d_read, config.width_for(d_read), site.d_out, config.activation, config.scale,
+                             site_seed(seed, name))
+        adapter.to(next(base.parameters()).device)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, Adapted(base, adapter, config.placement))
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if ".adapter." in name}
+
+
+def save(model: nn.Module, config: BottleneckConfig, folder: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    from ..outputs import atomic_path, write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "adapter_config.json", json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(adapter_state(model), str(tmp))
+
+
+def load(model: nn.Module, folder: str | Path) -> nn.Module:
+    """A saved bottleneck adapter back on its base model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise PlacementError(f"{folder} holds no readable adapter_config.json: pass a saved adapter folder") from err
+    if data.get("schema") != SCHEMA:
+        raise PlacementError(f"{folder} is not a bottleneck adapter (schema {data.get('schema')!r}); a PEFT adapter "
+                             "loads with PeftModel.from_pretrained")
+    config = BottleneckConfig(**{k: v for k, v in data.items() if k in BottleneckConfig.__dataclass_fields__})
+    apply(model, config)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    own = dict(model.named_parameters())
+    if set(state) != {k for k in own if ".adapter." in k}:
+        raise PlacementError(f"{folder}'s tensors do not match its config: save the adapter again")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+    return model
+
+
+def bottleneck_gradient(v: torch.Tensor, d: torch.Tensor, down: torch.Tensor, bias: torch.Tensor,
+                        activation: str, scale: float) -> torch.Tensor:
+    """U's first gradient for one batch (float64): s * sum_t d_t f(D v_t + b)^T."""
+    z = ACTIVATIONS[activation](v.double() @ down.double().t() + bias.double())
+    return scale * d.double().reshape(-1, d.shape[-1]).t() @ z.reshape(-1, z.shape[-1])
+
+
+def draw_down(d_read: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """D and its bias as nn.Linear initialises them (kaiming uniform, a = sqrt(5); bias within 1/sqrt(d_read)),
+    from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.empty(width, d_read)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=g)
+    bound = 1 / math.sqrt(d_read)
+    bias = torch.empty(width).uniform_(-bound, bound, generator=g)
+    return weight, bias
+
+
+SERIES = register(Family(
+    name="series-bn",
+    help="series bottleneck after the FFN and attention outputs (ours, Houlsby/Pfeiffer); score: ||grad U||^2",
+    find_sites=lambda model: bottleneck_sites(model, "series"),
+    params=lambda site, width: bottleneck_params(site, width, "series"),
+    config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": "series"})),
+))
+PARALLEL = register(Family(
+    name="parallel-bn",
+    help="parallel bottleneck beside the FFN's up and down projections (ours, He et al.); score: ||grad U||^2",
+    find_sites=lambda model: bottleneck_sites(model, "parallel"),
+    params=lambda site, width: bottleneck_params(site, width, "parallel"),
+    config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": "parallel"})),
+))

@@ -1,0 +1,61 @@
+"""IA3, through PEFT's `IA3Config`: a learned vector l scales a site's output (attention k and v: y = l * (W x)) or
+its input (the FFN's down projection: y = W (l * x)); l starts at 1, so the model starts unchanged.
+
+Its sites are the k, v (or fused qkv) and down projections of every block; its init-gradient score is the energy of
+l's first gradient at l = 1 (DESIGN.md section 10):
+    output scaling  grad l = sum_t d_t * y_t        (d the gradient at the output, y = W x the output itself)
+    input scaling   grad l = sum_t x_t * (W^T d_t)  (W^T d_t is the gradient at the input)
+summed over every token of the batch, as PEFT's l.grad is. A site trains d_out (output) or d_in (input) parameters.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.sites import Site, find_sites
+from .base import Family, register
+
+OUTPUT_ROLES = ("k", "v", "qkv")
+INPUT_ROLES = ("down",)
+
+
+def ia3_sites(model) -> list[Site]:
+    return [s for s in find_sites(model) if s.role in OUTPUT_ROLES + INPUT_ROLES]
+
+
+def feedforward(site) -> bool:
+    """Whether IA3 scales this site's input (PEFT's `feedforward_modules`) rather than its output."""
+    role = site["role"] if isinstance(site, dict) else site.role
+    return role in INPUT_ROLES
+
+
+def ia3_params(site: dict, size: int | None = None) -> int:
+    return int(site["d_in"] if feedforward(site) else site["d_out"])
+
+
+def ia3_kwargs(rows: list[dict]) -> dict:
+    """IA3Config arguments for site rows: exact names, the FFN inputs among them as `feedforward_modules`."""
+    return {"target_modules": [row["site"] for row in rows],
+            "feedforward_modules": [row["site"] for row in rows if feedforward(row)]}
+
+
+def ia3_config(kwargs: dict):
+    from peft import IA3Config
+
+    return IA3Config(**kwargs)
+
+
+def ia3_gradient(x: torch.Tensor, y: torch.Tensor, d_out: torch.Tensor, d_in: torch.Tensor | None,
+                 input_scaling: bool) -> torch.Tensor:
+    """l's first gradient for one batch, from the site's input x, output y and their gradients (float64)."""
+    if input_scaling:
+        return (x.double() * d_in.double()).reshape(-1, x.shape[-1]).sum(dim=0)
+    return (y.double() * d_out.double()).reshape(-1, y.shape[-1]).sum(dim=0)
+
+
+IA3 = register(Family(
+    name="ia3",
+    help="learned scaling of k, v and the FFN's down input (PEFT IA3Config); score: ||grad l||^2 at l = 1",
+    find_sites=ia3_sites,
+    params=ia3_params,
+    config=ia3_config,
+))
