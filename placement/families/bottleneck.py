@@ -190,17 +190,16 @@ def draw_down(d_read: int, width: int, seed: int) -> tuple[torch.Tensor, torch.T
     return weight, bias
 
 
-SERIES = register(Family(
-    name="series-bn",
-    help="series bottleneck after the FFN and attention outputs (ours, Houlsby/Pfeiffer); score: ||grad U||^2",
-    find_sites=lambda model: bottleneck_sites(model, "series"),
-    params=lambda site, width: bottleneck_params(site, width, "series"),
-    config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": "series"})),
-))
-PARALLEL = register(Family(
-    name="parallel-bn",
-    help="parallel bottleneck beside the FFN's up and down projections (ours, He et al.); score: ||grad U||^2",
-    find_sites=lambda model: bottleneck_sites(model, "parallel"),
-    params=lambda site, width: bottleneck_params(site, width, "parallel"),
-    config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": "parallel"})),
-))
+def _family(placement: str, help: str) -> Family:
+    return register(Family(
+        name=f"{placement}-bn", help=help,
+        find_sites=lambda model: bottleneck_sites(model, placement),
+        params=lambda site, width: bottleneck_params(site, width, placement),
+        config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": placement})),
+    ))
+
+
+SERIES = _family("series", "series bottleneck after the FFN and attention outputs (ours, Houlsby/Pfeiffer); "
+                           "score: ||grad U||^2")
+PARALLEL = _family("parallel", "parallel bottleneck beside the FFN's up and down projections (ours, He et al.); "
+                               "score: ||grad U||^2")
