@@ -99,7 +99,7 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .data import load_examples
     from .probe import ProbeSettings
-    from .study.profile import parse_families, profile_families, run_profile, summary_lines, write_profile
+    from .study.profile import parse_families, run_profile, summary_lines, write_profile
 
     chosen = parse_families(families)
     settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
@@ -110,12 +110,9 @@ def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rsl
         lm, tokenizer, source = _load(model, quiet)
         result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size,
                              max_length=max_length, settings=settings, score=score, strategy=strategy,
-                             progress=not quiet, examples=examples, bootstrap=bootstrap, fsdp=model.fsdp)
+                             progress=not quiet, examples=examples, bootstrap=bootstrap, fsdp=model.fsdp,
+                             families=tuple(chosen))
         write_profile(result, out, title=f"{source.name} on {data}: {score}")
-        if chosen != ["lora"]:
-            profile_families(lm, tokenizer, data, examples, result, chosen, batches=batches, batch_size=batch_size,
-                             max_length=max_length, seed=seed, out=out, title=f"{source.name} on {data}",
-                             progress=not quiet)
         _finish(out, make_report)
     summary = result.summary() | {"out": out, "targets": result.plan.targets}
     _emit(summary, summary_lines(summary, result, out), as_json)

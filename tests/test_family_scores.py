@@ -111,3 +111,19 @@ def test_unknown_family_is_one_line(invoke, assert_one_line_error, model_dir, tm
                     "--out", tmp_path / "p")
     assert_one_line_error(result, "prefix", "ia3")
     assert not (tmp_path / "p").exists()
+
+
+def test_identity_families_ride_along_the_lora_probe_with_the_same_scores():
+    from placement.model.load import ModelSource
+    from placement.probe import ProbeSettings
+    from placement.study.profile import profile_batches
+
+    model = tiny_model("llama")
+    shared = profile_batches(model, ModelSource("m", "m"), batches(), data="x", batch_size=3, max_length=12,
+                             settings=ProbeSettings(), bootstrap=0, families=("lora", "ia3", "parallel-bn"))
+    alone = family_scores(model, batches(), ["ia3", "parallel-bn"]).set_index(["family", "site"])["page"]
+    both = shared.families.set_index(["family", "site"])["page"]
+    for key, value in alone.items():
+        assert both[key] == pytest.approx(value, rel=1e-6), key
+    lora = shared.families[shared.families["family"] == "lora"].set_index("site")["page"]
+    assert lora.to_dict() == pytest.approx(shared.ranked.set_index("site")["page"].to_dict())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import rank_and_world
 from ..errors import PlacementError
 from ..families import bottleneck as bn
 from ..families import ia3
@@ -88,36 +89,64 @@ def _hook(candidate: FamilySite, activation: str, scale: float):
     return forward
 
 
+class FamilyScoring:
+    """The identity families' hooks on a model, for the duration of a `with`: they ride along whatever forward and
+    backward passes run inside it, the LoRA probe's own included, so every identity family shares its pass.
+    `frame(batches)` turns the summed energies into scores (summed over ranks under a launcher)."""
+
+    def __init__(self, model: nn.Module, families: list[str], *, width_factor: int = 16, width: int | None = None,
+                 activation: str = "relu", scale: float = 1.0, seed: int = 0):
+        self.model, self.activation, self.scale = model, activation, scale
+        self.candidates = _candidates(model, families, width_factor, activation, seed, width)
+        self.handles: list = []
+
+    def __enter__(self) -> "FamilyScoring":
+        self.handles = [c.module.register_forward_hook(_hook(c, self.activation, self.scale))
+                        for c in self.candidates]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def frame(self, batches: int) -> pd.DataFrame:
+        from ..distributed import all_sum
+
+        energy = all_sum(torch.tensor([c.energy for c in self.candidates], dtype=torch.float64))
+        return pd.DataFrame([dict(family=c.family, site=c.site.name, layer=c.site.layer, role=c.site.role,
+                                  d_in=c.site.d_in, d_out=c.site.d_out, params=c.params, page=float(e) / batches)
+                             for c, e in zip(self.candidates, energy.tolist())])
+
+
 def family_scores(model: nn.Module, batches: list, families: list[str], *, width_factor: int = 16,
                   width: int | None = None, activation: str = "relu", scale: float = 1.0, seed: int = 0,
                   progress: bool = False) -> pd.DataFrame:
     """One row per (family, site): its init-gradient score (mean over batches of the first gradient's squared
-    norm), the site's layer, role and widths, and the parameters the family trains there."""
+    norm), the site's layer, role and widths, and the parameters the family trains there; a pass of its own."""
     if not batches:
         raise PlacementError("no calibration batches: pass --batches 1 or more")
-    candidates = _candidates(model, families, width_factor, activation, seed, width)
+    scoring = FamilyScoring(model, families, width_factor=width_factor, width=width, activation=activation,
+                            scale=scale, seed=seed)
     device = next(model.parameters()).device
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    handles = [c.module.register_forward_hook(_hook(c, activation, scale)) for c in candidates]
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
         model.eval()
         model.enable_input_require_grads()
-        for batch in tqdm(batches, desc="probing families", unit="batch", disable=not progress):
-            loss = token_loss(model, batch.to(device))
-            if not torch.isfinite(loss):
-                raise PlacementError("the calibration loss is not finite: check the data and --dtype")
-            loss.backward()
+        rank, world = rank_and_world()
+        with scoring:  # each rank its share of the batches, as the LoRA probe; frame() sums over ranks
+            for batch in tqdm(batches[rank::world], desc="probing families", unit="batch", disable=not progress):
+                loss = token_loss(model, batch.to(device))
+                if not torch.isfinite(loss):
+                    raise PlacementError("the calibration loss is not finite: check the data and --dtype")
+                loss.backward()
     finally:
-        for h in handles:
-            h.remove()
         with contextlib.suppress(Exception):
             model.disable_input_require_grads()
         model.train(was_training)
         for p, flag in frozen:
             p.requires_grad_(flag)
-    rows = [dict(family=c.family, site=c.site.name, layer=c.site.layer, role=c.site.role, d_in=c.site.d_in,
-                 d_out=c.site.d_out, params=c.params, page=c.energy / len(batches)) for c in candidates]
-    return pd.DataFrame(rows)
+    return scoring.frame(len(batches))

@@ -4,6 +4,7 @@ This is the composition the CLI, the demo and the notebook share; each step stay
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..plan.plan import Plan
 from ..plan.ranking import SCORES, agreement_table, concentration, rank, stability
 from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
+from ..probe.families import FamilyScoring, family_scores
 from ..report.figures import convergence_plot, heatmap
 
 SPECTRUM_K = 64  # the spectrum's length when a score or strategy needs it: ranks 1..64 for allocate
@@ -38,6 +40,7 @@ class Profile:
     plan: Plan
     score: str
     convergence: pd.DataFrame | None = None  # the ranking batch by batch
+    families: pd.DataFrame | None = None  # other families' scores (family_scores.csv), when asked for
 
     def summary(self) -> dict:
         top = self.ranked.iloc[0]
@@ -95,7 +98,7 @@ def checked_settings(settings: ProbeSettings | None, score: str, strategy: Strat
 def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: int = 8, batch_size: int = 8,
                 max_length: int = 256, settings: ProbeSettings | None = None, score: str = "page",
                 strategy: Strategy | None = None, progress: bool = False, examples: list | None = None,
-                bootstrap: int = 200, fsdp: bool = False) -> Profile:
+                bootstrap: int = 200, fsdp: bool = False, families: tuple[str, ...] = ("lora",)) -> Profile:
     """`examples` skips loading `data` again when the caller has already read it (the CLI does, to fail fast).
     `bootstrap` resamples the calibration batches that many times for rank intervals (0: none); the intervals and
     the convergence curve are those of the `page` ranking, the score every batch records."""
@@ -104,14 +107,16 @@ def run_profile(model, tokenizer, source: ModelSource, data: str, *, batches: in
                                 max_length=max_length, seed=settings.seed, examples=examples)
     return profile_batches(model, source, calib, data=data, batch_size=batch_size, max_length=max_length,
                            settings=settings, score=score, strategy=strategy, progress=progress, bootstrap=bootstrap,
-                           fsdp=fsdp)
+                           fsdp=fsdp, families=families)
 
 
 def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch_size: int, max_length: int,
                     settings: ProbeSettings, score: str = "page", strategy: Strategy | None = None,
-                    progress: bool = False, bootstrap: int = 200, fsdp: bool = False) -> Profile:
+                    progress: bool = False, bootstrap: int = 200, fsdp: bool = False,
+                    families: tuple[str, ...] = ("lora",)) -> Profile:
     """Probe ready calibration batches, rank the sites and make the plan (`data` names them in the plan); `fsdp`
-    shards the model over the launcher's ranks first (FSDP2)."""
+    shards the model over the launcher's ranks first (FSDP2). Other identity `families` are scored in the same
+    forward and backward passes (in a pass of their own under checkpointing or FSDP2)."""
     settings, strategy = checked_settings(settings, score, strategy, bootstrap)
     sites = find_sites(model)
     block = model_block(model, source, sites)  # before sharding: the weights' dtype and shapes as loaded
@@ -121,8 +126,16 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
             raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
                                  f"where every rank runs the same passes: pass a multiple of {world}")
+    others = [f for f in families if f != "lora"]
+    if others and fsdp:
+        raise PlacementError("--families beyond lora are not scored under --fsdp: profile them without it")
+    shared = others and not (fsdp or settings.checkpointing)  # one pass for every identity family
+    scoring = FamilyScoring(model, others, seed=settings.seed) if shared else contextlib.nullcontext()
     loss = mean_loss(shard(model)) if fsdp else None
-    result = probe(model, sites, calib, settings, progress=progress, loss=loss)
+    with scoring:
+        result = probe(model, sites, calib, settings, progress=progress, loss=loss)
+    other_scores = scoring.frame(len(calib)) if shared else \
+        family_scores(model, calib, others, seed=settings.seed) if others else None
     ranked = rank(result.scores, score)
     curve, stable = None, {}
     if bootstrap > 0:
@@ -146,7 +159,8 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     plan = Plan.build(model=block, probe=probe_block, sites=site_rows,
                       strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
                       stability=stable)
-    return Profile(result, ranked, plan, score, curve)
+    frame = family_frame(families, ranked, other_scores, settings.r) if others and other_scores is not None else None
+    return Profile(result, ranked, plan, score, curve, frame)
 
 
 def summary_lines(summary: dict, profile: Profile, out) -> list[str]:
@@ -189,6 +203,8 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
     written = [out / "score_agreement.csv"]
     by_score = {name: profile.ranked.set_index("site")[name] for name in SCORES if name in profile.ranked.columns}
     write_csv(out / "score_agreement.csv", agreement_table(by_score))
+    if profile.families is not None:
+        write_families(profile.families, out, title=title)
     if profile.convergence is not None:
         write_csv(out / "convergence.csv", profile.convergence)
         convergence_plot(profile.convergence, profile.plan.stability, out / "convergence.png", title=title)
@@ -207,20 +223,13 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
                                     "batch_scores.safetensors")] + written
 
 
-def family_profile(model, calib: list, families: list[str], lora: pd.DataFrame | None = None, r: int = 8, *,
-                   seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """Every asked family's init-gradient score per site, ranked within its family (scores of different families
-    are not on one scale): the identity families from one shared forward and backward, LoRA's rows from the
-    profile's ranked scores (`lora`)."""
-    from ..probe.families import family_scores
-
-    parts = []
-    if "lora" in families and lora is not None:
+def family_frame(families, lora: pd.DataFrame, others: pd.DataFrame, r: int) -> pd.DataFrame:
+    """Every asked family's scores per site, ranked within its family (scores of different families are not on one
+    scale): LoRA's rows from the profile's ranking, the others' from their probe."""
+    parts = [others]
+    if "lora" in families:
         rows = lora[["site", "layer", "role", "d_in", "d_out", "page"]].assign(family="lora")
-        parts.append(rows.assign(params=[r * (i + o) for i, o in zip(rows["d_in"], rows["d_out"])]))
-    others = [f for f in families if f != "lora"]
-    if others:
-        parts.append(family_scores(model, calib, others, seed=seed, progress=progress))
+        parts.insert(0, rows.assign(params=[r * (i + o) for i, o in zip(rows["d_in"], rows["d_out"])]))
     frames = [rank(rows.drop(columns=["family"]), "page").assign(family=family)
               for part in parts for family, rows in part.groupby("family", sort=False)]
     columns = ["family", "site", "layer", "role", "d_in", "d_out", "params", "page", "share", "rank"]
@@ -249,14 +258,3 @@ def parse_families(spec: str) -> list[str]:
         raise PlacementError(f"unknown adapter family '{unknown[0] if unknown else spec}': choose from "
                              f"{', '.join(FAMILY_NAMES)} (prompt, prefix and LLaMA-Adapter are not scored yet)")
     return names
-
-
-def profile_families(model, tokenizer, data: str, examples, profile: Profile, families: list[str], *, batches: int,
-                     batch_size: int, max_length: int, seed: int, out, title: str, progress: bool) -> pd.DataFrame:
-    """The other families on the profile's own calibration batches, written beside it."""
-    calib = calibration_batches(tokenizer, data, batches=batches, batch_size=batch_size, max_length=max_length,
-                                seed=seed, examples=examples)
-    frame = family_profile(model, calib, families, profile.ranked, r=profile.result.settings.r, seed=seed,
-                           progress=progress)
-    write_families(frame, out, title=title)
-    return frame
