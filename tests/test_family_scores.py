@@ -95,11 +95,11 @@ def test_profile_scores_the_families_it_is_asked_for(invoke, model_dir, tmp_path
     import pandas as pd
 
     result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "2",
-                    "--batch-size", "2", "--max-length", "48", "--families", "lora,ia3,parallel-bn", "--quiet",
+                    "--batch-size", "2", "--max-length", "48", "--families", "lora,ia3,parallel-bn,prefix", "--quiet",
                     "--out", tmp_path / "p")
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(tmp_path / "p" / "family_scores.csv")
-    assert list(frame["family"].unique()) == ["lora", "ia3", "parallel-bn"]
+    assert list(frame["family"].unique()) == ["lora", "ia3", "parallel-bn", "prefix"]
     for family, rows in frame.groupby("family"):
         assert sorted(rows["rank"]) == list(range(1, len(rows) + 1))
         assert rows["share"].sum() == pytest.approx(1.0)
@@ -107,9 +107,9 @@ def test_profile_scores_the_families_it_is_asked_for(invoke, model_dir, tmp_path
 
 
 def test_unknown_family_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
-    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--families", "lora,prefix",
+    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--families", "lora,adalora",
                     "--out", tmp_path / "p")
-    assert_one_line_error(result, "prefix", "ia3")
+    assert_one_line_error(result, "adalora", "ia3")
     assert not (tmp_path / "p").exists()
 
 
@@ -127,3 +127,48 @@ def test_identity_families_ride_along_the_lora_probe_with_the_same_scores():
         assert both[key] == pytest.approx(value, rel=1e-6), key
     lora = shared.families[shared.families["family"] == "lora"].set_index("site")["page"]
     assert lora.to_dict() == pytest.approx(shared.ranked.set_index("site")["page"].to_dict())
+
+
+def test_virtual_token_families_score_peft_own_first_gradients():
+    from peft import AdaptionPromptConfig, PrefixTuningConfig, get_peft_model
+
+    from placement.probe.prompts import prompt_scores
+
+    model = tiny_model("llama")
+    scores = prompt_scores(model, batches(), ["prompt", "prefix", "llama-adapter"], length=3)
+    prefix = scores[scores.family == "prefix"]
+    assert list(prefix["layer"]) == [0, 1]
+    copied = copy.deepcopy(model)
+    torch.manual_seed(0)  # the virtual tokens' init, as prompt_scores draws it
+    peft_model = get_peft_model(copied, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    total = 0.0
+    for batch in batches():
+        peft_model.zero_grad()
+        peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        total += float(peft_model.prompt_encoder["default"].embedding.weight.grad.double().pow(2).sum())
+    assert prefix["page"].sum() == pytest.approx(total / 2, rel=1e-5)  # the layers' slices partition the prefix
+    copied = copy.deepcopy(model)
+    torch.manual_seed(0)
+    gated = get_peft_model(copied, AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2))
+    gates = {}
+    for batch in batches():
+        gated.zero_grad()
+        gated(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        for name, p in gated.named_parameters():
+            if name.endswith("adaption_gate"):
+                gates[name] = gates.get(name, 0.0) + float(p.grad.double().pow(2).sum()) / 2
+            if name.endswith("adaption_prompt"):
+                assert p.grad is None or not p.grad.any()  # behind a zero gate the prompt gets no gradient
+    ours = scores[scores.family == "llama-adapter"]["page"].tolist()
+    assert ours == pytest.approx(list(gates.values()), rel=1e-5) and min(ours) > 0
+
+
+def test_virtual_token_refusals():
+    from placement.probe.prompts import prompt_scores
+
+    with pytest.raises(PlacementError, match="does not support qwen2"):
+        prompt_scores(tiny_model("qwen2"), batches(), ["llama-adapter"])
+    with pytest.raises(PlacementError, match="longer than --max-length"):
+        prompt_scores(tiny_model("llama"), batches(), ["prompt"], length=20, max_length=12)
+    with pytest.raises(PlacementError, match="no virtual token"):
+        prompt_scores(tiny_model("llama"), batches(), ["prefix"], length=0)

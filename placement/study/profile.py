@@ -26,6 +26,7 @@ from ..plan.ranking import SCORES, agreement_table, concentration, rank, stabili
 from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
 from ..probe.families import FamilyScoring, family_scores
+from ..probe.prompts import PROMPT_FAMILIES, prompt_scores
 from ..report.figures import convergence_plot, heatmap
 
 SPECTRUM_K = 64  # the spectrum's length when a score or strategy needs it: ranks 1..64 for allocate
@@ -126,8 +127,9 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
             raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
                                  f"where every rank runs the same passes: pass a multiple of {world}")
-    others = [f for f in families if f != "lora"]
-    if others and fsdp:
+    prompts = [f for f in families if f in PROMPT_FAMILIES]  # they change the forward: a pass each
+    others = [f for f in families if f != "lora" and f not in prompts]
+    if (others or prompts) and fsdp:
         raise PlacementError("--families beyond lora are not scored under --fsdp: profile them without it")
     shared = others and not (fsdp or settings.checkpointing)  # one pass for every identity family
     scoring = FamilyScoring(model, others, seed=settings.seed) if shared else contextlib.nullcontext()
@@ -159,7 +161,11 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     plan = Plan.build(model=block, probe=probe_block, sites=site_rows,
                       strategy=strategy, peft=settings.lora_kwargs(), concentration=concentration(ranked),
                       stability=stable)
-    frame = family_frame(families, ranked, other_scores, settings.r) if others and other_scores is not None else None
+    if prompts:
+        virtual = prompt_scores(model, calib, prompts, max_length=max_length, checkpointing=settings.checkpointing,
+                                seed=settings.seed)
+        other_scores = virtual if other_scores is None else pd.concat([other_scores, virtual], ignore_index=True)
+    frame = family_frame(families, ranked, other_scores, settings.r) if other_scores is not None else None
     return Profile(result, ranked, plan, score, curve, frame)
 
 
@@ -243,12 +249,12 @@ def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> Non
     out = Path(out)
     write_csv(out / "family_scores.csv", frame)
     for family, rows in frame.groupby("family", sort=False):
-        if family != "lora":  # LoRA's heatmap is heatmap.png
+        if family != "lora" and family not in PROMPT_FAMILIES:  # LoRA's is heatmap.png; prompts have no modules
             heatmap(rows, out / f"heatmap_{family}.png", title=f"{title}: {family}" if title else family)
     family_layers(frame, out / "families.png", title=title)
 
 
-FAMILY_NAMES = ("lora", "ia3", "series-bn", "parallel-bn")
+FAMILY_NAMES = ("lora", "ia3", "series-bn", "parallel-bn", "prompt", "prefix", "llama-adapter")
 
 
 def parse_families(spec: str) -> list[str]:
@@ -256,5 +262,5 @@ def parse_families(spec: str) -> list[str]:
     unknown = [n for n in names if n not in FAMILY_NAMES]
     if unknown or not names:
         raise PlacementError(f"unknown adapter family '{unknown[0] if unknown else spec}': choose from "
-                             f"{', '.join(FAMILY_NAMES)} (prompt, prefix and LLaMA-Adapter are not scored yet)")
+                             f"{', '.join(FAMILY_NAMES)}")
     return names
