@@ -273,3 +273,25 @@ def test_variant_arms_train_their_variant_and_the_table_says_where_the_ranking_c
     assert rows.loc["dominant+dora", "trainable_params"] == rows.loc["dominant+rslora", "trainable_params"] + \
         base.sites[0]["d_out"]
     assert "default init" in (tmp_path / "comparison.md").read_text()
+
+
+def test_an_ia3_arm_trains_peft_ia3_on_the_same_data(make_plan, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=3).requires_grad_(False), tiny_tokenizer()
+    base = make_plan(model, Strategy("dominant"))
+    splits = data_mod.task_splits(boolean_examples(24), None, test=4, validation=2, seed=0)
+    settings = CompareSettings(parse_arms("dominant,ia3"), TrainSettings(steps=2, batch_size=4, max_length=48),
+                               max_new_tokens=4)
+    comparison = run_compare(model, tokenizer, base, splits, settings, tmp_path, log=lambda line: None)
+    rows = comparison.table.set_index("arm")
+    ia3_sites = [s for s in base.sites if s["role"] in ("k", "v", "down")]
+    assert rows.loc["ia3", "sites"] == len(ia3_sites)
+    assert rows.loc["ia3", "trainable_params"] == sum(s["d_out"] if s["role"] != "down" else s["d_in"]
+                                                     for s in ia3_sites)
+    config = json.loads((tmp_path / "arms" / "ia3" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_hidden_layers=3), tmp_path / "arms" / "ia3")
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "ia3_l" in n) == rows.loc["ia3", "trainable_params"]
+    with pytest.raises(PlacementError, match="not a LoRA"):
+        parse_arms("ia3+dora")

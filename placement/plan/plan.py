@@ -34,6 +34,7 @@ class Plan:
     concentration: dict = field(default_factory=dict)
     stability: dict = field(default_factory=dict)
     trainable_params: int = 0
+    family: str = "lora"  # the adapter family the plan applies; `peft` holds LoRA's arguments either way
     created: str = ""
     tool_version: str = __version__
     schema: str = SCHEMA
@@ -132,6 +133,27 @@ class Plan:
     def lora_config(self):
         return lora_config(self.peft)
 
+    def adapter_config(self):
+        """The PEFT config that applies the plan: LoRA's, or IA3's on the same exact site names."""
+        if self.family == "lora":
+            return self.lora_config()
+        from ..families.ia3 import ia3_config, ia3_kwargs
+
+        if self.family != "ia3":
+            raise PlacementError(f"plans of the {self.family} family are not trained by this version")
+        by_name = {row["site"]: row for row in self.sites}
+        return ia3_config(ia3_kwargs([by_name[t] for t in self.targets]))
+
+    def with_family(self, family: str) -> "Plan":
+        """The same sites with another adapter family (IA3), its trainable parameters counted."""
+        if family == "lora":
+            return self
+        from ..families import get_family
+
+        params = get_family(family).params
+        by_name = {row["site"]: row for row in self.sites}
+        return replace(self, family=family, trainable_params=sum(params(by_name[t], None) for t in self.targets))
+
     def targets_by_rank(self) -> list[str]:
         rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
         return sorted(self.targets, key=lambda t: rank_of.get(t, 0))
@@ -141,7 +163,9 @@ class Plan:
         """The strategy's label, with the variant as a suffix when it is not the plain LoRA (dominant+dora)."""
         label = self.strategy.get("label", self.strategy.get("name", "plan"))
         variant = self.variant
-        return label if variant == "lora" or label.endswith(f"+{variant}") else f"{label}+{variant}"
+        if self.family != "lora" or variant == "lora" or label.endswith(f"+{variant}"):
+            return label
+        return f"{label}+{variant}"
 
 
 def read_plan(path: str | Path) -> tuple[Path, dict]:

@@ -43,7 +43,7 @@ class Strategy:
                 raise PlacementError("strategy given needs a non-empty list of target sites")
             return
         kind = REGISTRY.get(self.name)
-        if kind is None or not kind.planned:
+        if kind is None or not (kind.planned or kind.arm):  # compare-only kinds (ia3) are checked as arms
             raise PlacementError(f"unknown strategy {self.name}: choose one of {', '.join(STRATEGIES)}")
         if kind.option == "k" and (self.k is None or self.k < 1):
             raise PlacementError(f"strategy {self.name} needs --k, a positive number")
@@ -76,6 +76,7 @@ class Kind:
     arm: str | None = None
     count: str = "none"
     planned: bool = True  # offered by `placement plan --strategy`
+    family: str = "lora"  # the adapter family the arm trains (families.FAMILIES)
 
 
 REGISTRY: dict[str, Kind] = {}
@@ -201,6 +202,8 @@ register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, 
 register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",
               from_weights=selectors.snr_targets, arm="snr", count="optional", planned=False))
 register(Kind("given", "sites chosen elsewhere", _given, planned=False))
+register(Kind("ia3", "IA3 on every k, v and FFN down projection (PEFT IA3Config)",
+              _by_role(("k", "v", "qkv", "down")), arm="ia3", planned=False, family="ia3"))
 
 STRATEGIES = tuple(name for name, kind in REGISTRY.items() if kind.planned)
 
@@ -270,6 +273,8 @@ def parse_arm(label: str) -> Arm:
         raise PlacementError(f"arm '{label}': unknown LoRA variant +{variant}; choose one of "
                              f"{', '.join('+' + v for v in VARIANTS)}")
     r = _rank_modifier(label, match["mods"])
+    if kind.family != "lora" and (variant or r):
+        raise PlacementError(f"arm '{label}': {kind.arm} is not a LoRA; it takes no +VARIANT and no :rN")
     if kind.count == "percent":
         return Arm(label, kind.name, None, r, n, variant)
     return Arm(label, kind.name, None if n is None else int(n), r, variant=variant)
@@ -333,6 +338,11 @@ def check_arms(arms: list[Arm], model) -> None:
 def selector_k(arms: list[Arm]) -> int:
     """kappa and snr without a count take as many sites as the first top-N arm (4 when there is none)."""
     return next((a.k for a in arms if a.strategy == "top-k"), 4)
+
+
+def arm_family(arm: Arm) -> str:
+    """The adapter family an arm trains (LoRA unless its kind says otherwise)."""
+    return REGISTRY[arm.strategy].family
 
 
 def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0, all_linear_params: int | None = None,

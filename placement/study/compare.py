@@ -23,7 +23,8 @@ from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
 from ..families import lora
 from ..plan.plan import Plan
-from ..plan.strategies import Arm, arm_strategy, check_arms, parse_arms, read_spectrum, selector_k  # noqa: F401
+from ..plan.strategies import (Arm, arm_family, arm_strategy, check_arms, parse_arms, read_spectrum,  # noqa: F401
+                               selector_k)
 from ..report.figures import loss_curves
 from ..train import evaluate as ev
 from ..train.run import finish_run
@@ -40,7 +41,7 @@ def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectru
     r = arm.r or base.peft["r"]
     full = sum(lora.lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: budgets' yardstick
     strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites)
-    plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant)
+    plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant).with_family(arm_family(arm))
     plan.strategy["label"] = arm.label
     return plan
 
@@ -325,7 +326,8 @@ def _arm_row(arm: Arm, plan: Plan, runs: list[ArmRun], full: int, first: list[Ar
         return float(np.mean(values)) if all(v is not None for v in values) else float("nan")
 
     params = metrics[0]["trainable_params"]
-    row = _row(arm.label, sites=len(plan.targets), r=plan.peft["r"], trainable_params=params,
+    row = _row(arm.label, sites=len(plan.targets), r=plan.peft["r"] if plan.family == "lora" else None,
+               trainable_params=params,
                params_pct=100 * params / full, lr=metrics[0]["lr"], lr_at_edge=metrics[0].get("lr_at_edge"),
                seeds=len(runs), eval_loss=mean("eval_loss"), val_loss=mean("val_loss"), exact_match=mean("exact_match"),
                balanced_accuracy=mean("balanced_accuracy"), sec_per_step=metrics[0]["sec_per_step"],
@@ -351,9 +353,11 @@ def with_default_variant(arms: list[Arm], variant: str | None) -> list[Arm]:
     if variant is None:
         return arms
     lora.check_variant(variant)
+    lora_arms = [a for a in arms if arm_family(a) == "lora"]
     if variant == "lora":
-        return [replace(a, variant=a.variant or "lora") for a in arms]
-    return [a if a.variant else replace(a, variant=variant, label=f"{a.label}+{variant}") for a in arms]
+        return [replace(a, variant=a.variant or "lora") if a in lora_arms else a for a in arms]
+    return [replace(a, variant=variant, label=f"{a.label}+{variant}") if a in lora_arms and not a.variant else a
+            for a in arms]
 
 
 def variant_note(labels) -> str:

@@ -108,7 +108,7 @@ def apply_plan(model, plan: Plan, seed: int = 0):
     with warnings.catch_warnings():  # PEFT still calls a transformers method that now warns of its renaming
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            return get_peft_model(model, plan.lora_config())
+            return get_peft_model(model, plan.adapter_config())
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
             if plan.variant == "lora":
                 raise
@@ -136,7 +136,8 @@ def initial_adapter(peft_model) -> dict | None:
     OLoRA): the saved adapter is then the trained one minus this, which loads on the original base."""
     from peft import get_peft_model_state_dict
 
-    if variant_of(peft_model.peft_config["default"].to_dict()) not in MUTATES_BASE:
+    config = peft_model.peft_config["default"]
+    if config.peft_type != "LORA" or variant_of(config.to_dict()) not in MUTATES_BASE:
         return None
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
 
