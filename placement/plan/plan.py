@@ -112,19 +112,7 @@ class Plan:
     # -- use -------------------------------------------------------------------------------------------------
     def check(self, model) -> None:
         """Refuse a model this plan was not made for: a missing site, or a different site fingerprint."""
-        names = {name for name, _ in model.named_modules()}
-        absent = [t for t in self.targets if t not in names]
-        if absent:
-            raise PlacementError(
-                f"site {absent[0]} of the plan is not in this model: profile this model and make a new plan"
-            )
-        expected = self.model.get("fingerprint")
-        found = fingerprint(find_sites(model))
-        if expected and expected != found:
-            raise PlacementError(
-                f"this model's sites (fingerprint {found}) differ from the plan's ({expected}): "
-                "the plan was made for another model; profile this one"
-            )
+        check_model(self, model)
 
     def all_linear_params(self) -> int:
         """Trainable parameters of LoRA at the plan's rank on every candidate site: the full-coverage yardstick."""
@@ -135,24 +123,11 @@ class Plan:
 
     def adapter_config(self):
         """The PEFT config that applies the plan: LoRA's, or IA3's on the same exact site names."""
-        if self.family == "lora":
-            return self.lora_config()
-        from ..families.ia3 import ia3_config, ia3_kwargs
-
-        if self.family != "ia3":
-            raise PlacementError(f"plans of the {self.family} family are not trained by this version")
-        by_name = {row["site"]: row for row in self.sites}
-        return ia3_config(ia3_kwargs([by_name[t] for t in self.targets]))
+        return adapter_config(self)
 
     def with_family(self, family: str) -> "Plan":
         """The same sites with another adapter family (IA3), its trainable parameters counted."""
-        if family == "lora":
-            return self
-        from ..families import get_family
-
-        params = get_family(family).params
-        by_name = {row["site"]: row for row in self.sites}
-        return replace(self, family=family, trainable_params=sum(params(by_name[t], None) for t in self.targets))
+        return with_family(self, family)
 
     def targets_by_rank(self) -> list[str]:
         rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
@@ -166,6 +141,46 @@ class Plan:
         if self.family != "lora" or variant == "lora" or label.endswith(f"+{variant}"):
             return label
         return f"{label}+{variant}"
+
+
+def adapter_config(plan: Plan):
+    """The PEFT config that applies the plan: LoRA's, or IA3's on the same exact site names."""
+    if plan.family == "lora":
+        return plan.lora_config()
+    from ..families.ia3 import ia3_config, ia3_kwargs
+
+    if plan.family != "ia3":
+        raise PlacementError(f"plans of the {plan.family} family are not trained by this version")
+    by_name = {row["site"]: row for row in plan.sites}
+    return ia3_config(ia3_kwargs([by_name[t] for t in plan.targets]))
+
+
+def with_family(plan: Plan, family: str) -> Plan:
+    """The same sites with another adapter family (IA3), its trainable parameters counted."""
+    if family == "lora":
+        return plan
+    from ..families import get_family
+
+    params = get_family(family).params
+    by_name = {row["site"]: row for row in plan.sites}
+    return replace(plan, family=family, trainable_params=sum(params(by_name[t], None) for t in plan.targets))
+
+
+def check_model(plan: Plan, model) -> None:
+    """Refuse a model this plan was not made for: a missing site, or a different site fingerprint."""
+    names = {name for name, _ in model.named_modules()}
+    absent = [t for t in plan.targets if t not in names]
+    if absent:
+        raise PlacementError(
+            f"site {absent[0]} of the plan is not in this model: profile this model and make a new plan"
+        )
+    expected = plan.model.get("fingerprint")
+    found = fingerprint(find_sites(model))
+    if expected and expected != found:
+        raise PlacementError(
+            f"this model's sites (fingerprint {found}) differ from the plan's ({expected}): "
+            "the plan was made for another model; profile this one"
+        )
 
 
 def read_plan(path: str | Path) -> tuple[Path, dict]:
