@@ -175,7 +175,8 @@ def report(run_dir):
 @user_errors
 @launchable
 def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size,
-              max_length, seed, max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json, quiet):
+              max_length, seed, max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json,
+              quiet):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from .plan import Plan
     from .train import TrainSettings, checkpoint_refusal
@@ -201,9 +202,8 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, ch
 @compare_options
 @writes_run
 def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size, max_length, seed,
-            max_new_tokens, arms,
-            rank, variant, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds, resume, out, overwrite, make_report,
-            as_json, quiet):
+            max_new_tokens, arms, rank, variant, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds,
+            resume, out, overwrite, make_report, as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
     from .study.compare import CompareSettings, compare_inputs

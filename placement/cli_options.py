@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import click
 
 from .errors import PlacementError
+from .families.lora import VARIANTS
+from .plan.formats import FORMATS
 from .plan.strategies import STRATEGIES, arm_help, strategy_help
 
 
@@ -43,8 +45,8 @@ def launchable(fn):
             with rank_outputs(kwargs.get("out")) as out:
                 if "out" in kwargs:
                     kwargs["out"] = out
-                if not is_main():
-                    kwargs.update({k: True for k in ("quiet",) if k in kwargs})
+                if not is_main() and "quiet" in kwargs:
+                    kwargs["quiet"] = True
                 return fn(*args, **kwargs)
         finally:
             stop()
@@ -160,12 +162,10 @@ train_options = options(
     batch_options,
     click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generation length for exact match"))
 
-VARIANTS = ["lora", "rslora", "dora", "pissa", "olora"]  # families.lora.VARIANTS, without importing PEFT here
 variant_option = click.option(
     "--variant", default=None,
-    help=f"LoRA variant of PEFT on the plan's sites, one of {', '.join(VARIANTS)}: rslora (alpha / sqrt(r)), dora (magnitude and direction), "
-         "pissa or olora (init from W) [default: the plan's, plain LoRA]")
-FORMATS = ["plan", "peft", "axolotl", "llama-factory", "spectrum", "spectrum-unfrozen"]  # plan.formats.FORMATS
+    help=f"LoRA variant of PEFT on the plan's sites, one of {', '.join(VARIANTS)}: rslora (alpha / sqrt(r)), "
+         "dora (magnitude and direction), pissa or olora (init from W) [default: the plan's, plain LoRA]")
 
 probe_options = options(  # profile: the model, the data, the LoRA and probe the scores assume, the strategy
     model_options,
@@ -194,8 +194,8 @@ plan_options = options(  # plan: rank, model check and the files it writes
     click.option("--r", "rank", type=int, default=None, help="LoRA rank of the plan (default: the probe's)"),
     variant_option,
     click.option("--format", "fmt", default="plan", show_default=True,
-                 help=f"one of {', '.join(FORMATS)}: what --out holds (or what is printed without it): our plan JSON, PEFT's adapter_config.json, "
-                      "an axolotl or LLaMA-Factory config fragment, Spectrum's score JSON, or Spectrum's "
+                 help=f"one of {', '.join(FORMATS)}: what --out holds (or what is printed without it): our plan "
+                      "JSON, PEFT's adapter_config.json, an axolotl or LLaMA-Factory config fragment, Spectrum's score JSON, or Spectrum's "
                       "unfrozen_parameters (full fine-tuning of the sites, not LoRA)"),
     click.option("--model", "check_model", default=None,
                  help="check the plan against this model first (" + MODEL_HELP + ")"),

@@ -31,6 +31,25 @@ from .results import ProbeResult, probe_result
 from .settings import ProbeSettings
 
 
+@contextlib.contextmanager
+def gradients_reach_inputs(model: nn.Module):
+    """The model as a probe runs it: every weight frozen, eval mode (no dropout), and the input embeddings requiring
+    grad so that a backward reaches every site's input and output; all restored afterwards."""
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    model.enable_input_require_grads()
+    try:
+        yield model
+    finally:
+        model.disable_input_require_grads()
+        model.train(was_training)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
 class Probe:
     """Measure PAGE and its companions at every site over calibration batches."""
 
@@ -74,31 +93,22 @@ class Probe:
     @contextlib.contextmanager
     def _hooked(self):
         model = self.model
-        was_training = model.training
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        model.eval()
-        model.enable_input_require_grads()
         blocks = find_blocks(model)[1] if self.settings.checkpointing else []
-        if blocks:
-            # HF checkpoints a block only while `block.training`; set it on the blocks alone so that every
-            # dropout inside stays off and the scores stay those of eval mode.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for block in blocks:
-                block.training = True
-        handles = [m.register_forward_hook(self._forward_hook(st)) for m, st in zip(self.modules, self.states)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            model.disable_input_require_grads()
+        with gradients_reach_inputs(model):
             if blocks:
-                model.gradient_checkpointing_disable()
-            model.train(was_training)
-            for p, flag in frozen:
-                p.requires_grad_(flag)
+                # HF checkpoints a block only while `block.training`; set it on the blocks alone so that every
+                # dropout inside stays off and the scores stay those of eval mode.
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                for block in blocks:
+                    block.training = True
+            handles = [m.register_forward_hook(self._forward_hook(st)) for m, st in zip(self.modules, self.states)]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                if blocks:
+                    model.gradient_checkpointing_disable()
 
     def _batch(self, batch) -> int:
         """One calibration batch: forward, backward (the hooks score every site), close the batch."""

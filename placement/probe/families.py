@@ -7,7 +7,6 @@ parameter's first gradient in float64 and adds its squared norm. The score is th
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pandas as pd
@@ -15,12 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import rank_and_world
+from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
 from ..families import bottleneck as bn
 from ..families import ia3
 from ..model.loss import token_loss
 from ..model.sites import Site, modules_by_name
+from .engine import gradients_reach_inputs
 
 IDENTITY_FAMILIES = ("ia3", "series-bn", "parallel-bn")
 
@@ -111,8 +111,6 @@ class FamilyScoring:
         self.handles = []
 
     def frame(self, batches: int) -> pd.DataFrame:
-        from ..distributed import all_sum
-
         energy = all_sum(torch.tensor([c.energy for c in self.candidates], dtype=torch.float64))
         return pd.DataFrame([dict(family=c.family, site=c.site.name, layer=c.site.layer, role=c.site.role,
                                   d_in=c.site.d_in, d_out=c.site.d_out, params=c.params, page=float(e) / batches)
@@ -129,24 +127,11 @@ def family_scores(model: nn.Module, batches: list, families: list[str], *, width
     scoring = FamilyScoring(model, families, width_factor=width_factor, width=width, activation=activation,
                             scale=scale, seed=seed)
     device = next(model.parameters()).device
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        model.eval()
-        model.enable_input_require_grads()
-        rank, world = rank_and_world()
-        with scoring:  # each rank its share of the batches, as the LoRA probe; frame() sums over ranks
-            for batch in tqdm(batches[rank::world], desc="probing families", unit="batch", disable=not progress):
-                loss = token_loss(model, batch.to(device))
-                if not torch.isfinite(loss):
-                    raise PlacementError("the calibration loss is not finite: check the data and --dtype")
-                loss.backward()
-    finally:
-        with contextlib.suppress(Exception):
-            model.disable_input_require_grads()
-        model.train(was_training)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+    rank, world = rank_and_world()
+    with gradients_reach_inputs(model), scoring:  # each rank its share of the batches; frame() sums over ranks
+        for batch in tqdm(batches[rank::world], desc="probing families", unit="batch", disable=not progress):
+            loss = token_loss(model, batch.to(device))
+            if not torch.isfinite(loss):
+                raise PlacementError("the calibration loss is not finite: check the data and --dtype")
+            loss.backward()
     return scoring.frame(len(batches))

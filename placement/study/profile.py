@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .. import data as data_mod
 from ..data.examples import load_examples  # noqa: F401  (documented here: placement.profile.load_examples)
+from ..distributed import rank_and_world
 from ..errors import PlacementError
 from ..model.load import ModelSource
 from ..model.shard import mean_loss, shard
@@ -25,7 +26,7 @@ from ..plan.plan import Plan
 from ..plan.ranking import SCORES, agreement_table, concentration, rank, stability
 from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
-from ..probe.families import FamilyScoring, family_scores
+from ..probe.families import IDENTITY_FAMILIES, FamilyScoring, family_scores
 from ..probe.prompts import PROMPT_FAMILIES, prompt_scores
 from ..report.figures import convergence_plot, heatmap
 
@@ -122,7 +123,6 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     sites = find_sites(model)
     block = model_block(model, source, sites)  # before sharding: the weights' dtype and shapes as loaded
     if fsdp:
-        from ..distributed import rank_and_world
         world = rank_and_world()[1]
         if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
             raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
@@ -254,7 +254,7 @@ def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> Non
     family_layers(frame, out / "families.png", title=title)
 
 
-FAMILY_NAMES = ("lora", "ia3", "series-bn", "parallel-bn", "prompt", "prefix", "llama-adapter")
+FAMILY_NAMES = ("lora",) + IDENTITY_FAMILIES + PROMPT_FAMILIES
 
 
 def parse_families(spec: str) -> list[str]:

@@ -192,6 +192,7 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
     if settings.checkpointing:  # non-reentrant: blocks need no input that requires grad; the base stays frozen
         peft_model.base_model.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = _schedule(optimizer, settings)
@@ -204,11 +205,6 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
         if state is None:
             raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
         start, losses, lrs = load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
-    root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
-    if root is not None:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        schedule = _schedule(optimizer, settings)
     device = next(peft_model.parameters()).device
     step_loss = _step_loss(peft_model, device, settings, root)
     peft_model.train()
