@@ -63,9 +63,10 @@ class TestIA3(FamilyChecks):
 
 class _Bottleneck(FamilyChecks):
     placement = "series"
+    size = 4  # the reduction factor a plan gives (width = read width // 4); the scores below take a width
 
     def adapter_kwargs(self, targets):
-        return {"targets": targets, "width": self.size}
+        return {"targets": targets, "reduction_factor": self.size}
 
     def apply_adapter(self, model, targets):
         from placement.families import bottleneck as bn

@@ -33,6 +33,9 @@ from .base import Family, register
 SCHEMA = "placement-bottleneck/1"
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 PLACEMENTS = {"series": ("down", "o"), "parallel": ("up", "down")}
+FAMILY_PLACEMENTS = {"series-bn": "series", "parallel-bn": "parallel"}  # family name -> placement
+CONFIG_ATTRIBUTE = "bottleneck_config"  # the model holds the config its adapters were made from, as PEFT's does
+DEFAULT_REDUCTION = 16
 
 
 @dataclass
@@ -40,7 +43,7 @@ class BottleneckConfig:
     targets: list[str] = field(default_factory=list)  # site names; each gets one adapter
     placement: str = "series"  # series | parallel
     width: int | None = None  # bottleneck size; None: d // reduction_factor
-    reduction_factor: int = 16
+    reduction_factor: int = DEFAULT_REDUCTION
     activation: str = "relu"
     scale: float = 1.0
     schema: str = SCHEMA
@@ -57,7 +60,7 @@ class BottleneckConfig:
         width = self.width if self.width is not None else d // self.reduction_factor
         if width < 1:
             raise PlacementError(f"a bottleneck of width {width} for a site of width {d}: pass a smaller reduction "
-                                 "factor or a --width of at least 1")
+                                 "factor (:rfN) or a width of at least 1")
         return width
 
 
@@ -112,6 +115,12 @@ def bottleneck_params(site: dict, width: int, placement: str = "series") -> int:
     return d_read * width + width + width * d_out + d_out
 
 
+def reduced_params(site: dict, reduction_factor: int | None, placement: str) -> int:
+    """A site's trainable parameters at a reduction factor (width = read width // factor), as a plan counts them."""
+    config = BottleneckConfig(placement=placement, reduction_factor=reduction_factor or DEFAULT_REDUCTION)
+    return bottleneck_params(site, config.width_for(_width_of(site, placement)), placement)
+
+
 def apply(model: nn.Module, config: BottleneckConfig, seed: int = 0) -> nn.Module:
     """Insert the adapters in place; the base is frozen, the adapters train. Returns the model."""
     config.check()
@@ -129,6 +138,7 @@ def apply(model: nn.Module, config: BottleneckConfig, seed: int = 0) -> nn.Modul
         adapter.to(next(base.parameters()).device)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, Adapted(base, adapter, config.placement))
+    setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 
 
@@ -162,14 +172,21 @@ def load(model: nn.Module, folder: str | Path) -> nn.Module:
                              "loads with PeftModel.from_pretrained")
     config = BottleneckConfig(**{k: v for k, v in data.items() if k in BottleneckConfig.__dataclass_fields__})
     apply(model, config)
-    state = load_file(str(folder / "adapter_model.safetensors"))
+    try:
+        load_state(model, load_file(str(folder / "adapter_model.safetensors")))
+    except PlacementError as err:
+        raise PlacementError(f"{folder}: {err}") from err
+    return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter tensors (`adapter_state`'s) into the adapters on `model`."""
     own = dict(model.named_parameters())
     if set(state) != {k for k in own if ".adapter." in k}:
-        raise PlacementError(f"{folder}'s tensors do not match its config: save the adapter again")
+        raise PlacementError("the saved tensors do not match the adapter's config: save the adapter again")
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value)
-    return model
 
 
 def bottleneck_gradient(v: torch.Tensor, d: torch.Tensor, down: torch.Tensor, bias: torch.Tensor,
@@ -194,7 +211,7 @@ def _family(placement: str, help: str) -> Family:
     return register(Family(
         name=f"{placement}-bn", help=help,
         find_sites=lambda model: bottleneck_sites(model, placement),
-        params=lambda site, width: bottleneck_params(site, width, placement),
+        params=lambda site, reduction_factor: reduced_params(site, reduction_factor, placement),
         config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": placement})),
     ))
 

@@ -6,13 +6,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adds_virtual_tokens(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT prompt or prefix tuning model: those insert their virtual tokens in their own
+    forward, which calling the decoder directly would skip (LLaMA-Adapter lives inside the attention layers)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def _target_logits(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits at the labelled positions, their targets, the mask of those positions in the shifted batch): the LM
     head is a large share of a small model's cost, and positions without a label contribute nothing to the loss."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     targets = batch.labels[:, 1:]
     keep = targets != -100
+    if adds_virtual_tokens(model):  # the logits of the real tokens are the last T (prompt tuning prepends its own)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return logits[:, -batch.input_ids.shape[1]:-1][keep].float(), targets[keep], keep
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:

@@ -35,6 +35,7 @@ class Plan:
     stability: dict = field(default_factory=dict)
     trainable_params: int = 0
     family: str = "lora"  # the adapter family the plan applies; `peft` holds LoRA's arguments either way
+    family_args: dict = field(default_factory=dict)  # the family's own size: reduction_factor, num_virtual_tokens
     created: str = ""
     tool_version: str = __version__
     schema: str = SCHEMA
@@ -121,13 +122,13 @@ class Plan:
     def lora_config(self):
         return lora_config(self.peft)
 
-    def adapter_config(self):
-        """The PEFT config that applies the plan: LoRA's, or IA3's on the same exact site names."""
-        return adapter_config(self)
+    def adapter_config(self, model=None):
+        """The config that applies the plan: PEFT's for LoRA, IA3 and the prompt families, ours for bottlenecks."""
+        return adapter_config(self, model)
 
-    def with_family(self, family: str) -> "Plan":
-        """The same sites with another adapter family (IA3), its trainable parameters counted."""
-        return with_family(self, family)
+    def with_family(self, family: str, size: int | None = None) -> "Plan":
+        """The same sites with another module family (IA3, bottlenecks), its trainable parameters counted."""
+        return with_family(self, family, size)
 
     def targets_by_rank(self) -> list[str]:
         rank_of = {row["site"]: row.get("rank", 0) for row in self.sites}
@@ -143,27 +144,53 @@ class Plan:
         return f"{label}+{variant}"
 
 
-def adapter_config(plan: Plan):
-    """The PEFT config that applies the plan: LoRA's, or IA3's on the same exact site names."""
+def adapter_config(plan: Plan, model=None):
+    """The config that applies the plan: PEFT's for LoRA, IA3 and the prompt families, ours for bottlenecks (the
+    model's type, for LLaMA-Adapter, from the plan or else from `model`)."""
+    from ..families import bottleneck, ia3, prompts
+
+    args = plan.family_args or {}
     if plan.family == "lora":
         return plan.lora_config()
-    from ..families.ia3 import ia3_config, ia3_kwargs
+    if plan.family == "ia3":
+        by_name = {row["site"]: row for row in plan.sites}
+        return ia3.ia3_config(ia3.ia3_kwargs([by_name[t] for t in plan.targets]))
+    if plan.family in bottleneck.FAMILY_PLACEMENTS:
+        return bottleneck.BottleneckConfig(targets=list(plan.targets), placement=bottleneck.FAMILY_PLACEMENTS[plan.family],
+                                           reduction_factor=args.get("reduction_factor", bottleneck.DEFAULT_REDUCTION))
+    if plan.family in prompts.PROMPT_FAMILIES:
+        model_type = plan.model.get("model_type") or getattr(getattr(model, "config", None), "model_type", "")
+        return prompts.prompt_config(plan.family, args["num_virtual_tokens"], len(plan.targets), model_type)
+    raise PlacementError(f"plans of the {plan.family} family are not trained by this version")
 
-    if plan.family != "ia3":
-        raise PlacementError(f"plans of the {plan.family} family are not trained by this version")
-    by_name = {row["site"]: row for row in plan.sites}
-    return ia3_config(ia3_kwargs([by_name[t] for t in plan.targets]))
 
-
-def with_family(plan: Plan, family: str) -> Plan:
-    """The same sites with another adapter family (IA3), its trainable parameters counted."""
+def with_family(plan: Plan, family: str, size: int | None = None) -> Plan:
+    """The same sites with another module family (IA3, a bottleneck at reduction factor `size`), its trainable
+    parameters counted."""
     if family == "lora":
         return plan
     from ..families import get_family
 
     params = get_family(family).params
     by_name = {row["site"]: row for row in plan.sites}
-    return replace(plan, family=family, trainable_params=sum(params(by_name[t], None) for t in plan.targets))
+    args = {"reduction_factor": size} if size is not None else {}
+    return replace(plan, family=family, family_args=args,
+                   trainable_params=sum(params(by_name[t], size) for t in plan.targets))
+
+
+def prompt_plan(plan: Plan, model, family: str, length: int, layers: int | None = None, label: str = "") -> Plan:
+    """A plan of a virtual-token family (prompt, prefix, LLaMA-Adapter on the top `layers`): its targets are the
+    modules it reaches, its size the number of virtual tokens."""
+    from ..families.prompts import prompt_params, prompt_targets
+
+    if length < 1:
+        raise PlacementError(f"a {family} length of {length} adds no virtual token: pass :len1 or more")
+    targets = prompt_targets(model, family, layers)
+    peft = {k: v for k, v in plan.peft.items() if k not in ("rank_pattern", "alpha_pattern")}
+    return replace(plan, family=family, family_args={"num_virtual_tokens": length}, targets=targets,
+                   peft=peft | {"target_modules": targets},
+                   strategy={"name": family, "label": label or f"{family}:len{length}"},
+                   trainable_params=prompt_params(model.config, family, length, len(targets)))
 
 
 def check_model(plan: Plan, model) -> None:

@@ -76,7 +76,8 @@ class Kind:
     arm: str | None = None
     count: str = "none"
     planned: bool = True  # offered by `placement plan --strategy`
-    family: str = "lora"  # the adapter family the arm trains (families.FAMILIES)
+    family: str = "lora"  # the adapter family the arm trains (families.FAMILIES, or a prompt family)
+    modifier: str | None = "r"  # the size an arm may give after ':' (r: rank, rf: reduction factor, len: tokens)
 
 
 REGISTRY: dict[str, Kind] = {}
@@ -203,7 +204,20 @@ register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, b
               from_weights=selectors.snr_targets, arm="snr", count="optional", planned=False))
 register(Kind("given", "sites chosen elsewhere", _given, planned=False))
 register(Kind("ia3", "IA3 on every k, v and FFN down projection (PEFT IA3Config)",
-              _by_role(("k", "v", "qkv", "down")), arm="ia3", planned=False, family="ia3"))
+              _by_role(("k", "v", "qkv", "down")), arm="ia3", planned=False, family="ia3", modifier=None))
+register(Kind("series-bn", "series bottleneck after every attention output and FFN down projection (ours; :rfN "
+              "reduction factor, 16)", _by_role(("o", "down")), arm="series-bn", planned=False, family="series-bn",
+              modifier="rf"))
+register(Kind("parallel-bn", "parallel bottleneck beside every FFN up and down projection (ours; :rfN reduction "
+              "factor, 16)", _by_role(("up", "down")), arm="parallel-bn", planned=False, family="parallel-bn",
+              modifier="rf"))
+register(Kind("prompt", "prompt tuning, PEFT (:lenN virtual tokens, 10)", arm="prompt", planned=False,
+              family="prompt", modifier="len"))
+register(Kind("prefix", "prefix tuning on every layer, PEFT (:lenN virtual tokens, 10)", arm="prefix",
+              planned=False, family="prefix", modifier="len"))
+register(Kind("llama-adapter", "LLaMA-Adapter's gated prompts on the top N layers (all without N), PEFT "
+              "(:lenN prompt length, 10)", arm="llama-adapter", count="optional", planned=False,
+              family="llama-adapter", modifier="len"))
 
 STRATEGIES = tuple(name for name, kind in REGISTRY.items() if kind.planned)
 
@@ -238,13 +252,15 @@ class Arm:
     r: int | None = None
     percent: float | None = None  # budget-P%: P% of all-linear LoRA's parameters at the arm's rank
     variant: str | None = None  # a LoRA variant of PEFT (+dora, +pissa, ...); None: the comparison's default
+    size: int | None = None  # another family's size: a bottleneck's reduction factor (:rfN), virtual tokens (:lenN)
 
 
 _ARMS = {kind.arm: kind for kind in REGISTRY.values() if kind.arm}
 _FORM = re.compile(r"^(?P<base>[a-z][a-z0-9-]*?)(?:-(?P<n>\d+(?:\.\d+)?)(?P<percent>%)?)?"
                    r"(?P<mods>(?::[a-z]+\d+)*)(?:\+(?P<variant>[a-z]+))?$")
-_MODIFIERS = {"r": "a rank, e.g. dominant:r64", "rf": "a bottleneck reduction factor (bottleneck families)",
-              "len": "a number of virtual tokens (prompt families)"}
+_MODIFIERS = {"r": "a LoRA rank, e.g. dominant:r64", "rf": "a bottleneck reduction factor, e.g. series-bn:rf16",
+              "len": "a number of virtual tokens, e.g. prefix:len10"}
+_SIZE_NAMES = {"r": "rank", "rf": "reduction factor", "len": "length"}
 
 
 def arm_help() -> str:
@@ -252,8 +268,9 @@ def arm_help() -> str:
     for kind in _ARMS.values():
         forms.append({"required": f"{kind.arm}-N", "optional": f"{kind.arm}[-N]",
                       "percent": f"{kind.arm}-P%"}.get(kind.count, kind.arm))
-    return (", ".join(forms) + "; ':rN' gives an arm its own rank, e.g. dominant:r64, and '+VARIANT' a LoRA variant, "
-            "e.g. dominant+dora")
+    return (", ".join(forms) + "; ':rN' gives a LoRA arm its own rank, e.g. dominant:r64, ':rfN' a bottleneck its "
+            "reduction factor, e.g. series-bn:rf16, ':lenN' a prompt family its virtual tokens, e.g. prefix:len10, "
+            "and '+VARIANT' a LoRA variant, e.g. dominant+dora")
 
 
 def parse_arm(label: str) -> Arm:
@@ -272,12 +289,13 @@ def parse_arm(label: str) -> Arm:
     if variant and variant not in VARIANTS:
         raise PlacementError(f"arm '{label}': unknown LoRA variant +{variant}; choose one of "
                              f"{', '.join('+' + v for v in VARIANTS)}")
-    r = _rank_modifier(label, match["mods"])
-    if kind.family != "lora" and (variant or r):
-        raise PlacementError(f"arm '{label}': {kind.arm} is not a LoRA; it takes no +VARIANT and no :rN")
+    size = _size_modifier(label, kind, match["mods"])
+    if kind.family != "lora" and variant:
+        raise PlacementError(f"arm '{label}': {kind.arm} is not a LoRA; it takes no +VARIANT")
+    r, size = (size, None) if kind.modifier == "r" else (None, size)
     if kind.count == "percent":
         return Arm(label, kind.name, None, r, n, variant)
-    return Arm(label, kind.name, None if n is None else int(n), r, variant=variant)
+    return Arm(label, kind.name, None if n is None else int(n), r, variant=variant, size=size)
 
 
 def _check_count(label: str, kind: Kind, n: float | None, percent: bool) -> None:
@@ -300,17 +318,21 @@ def _check_count(label: str, kind: Kind, n: float | None, percent: bool) -> None
         raise PlacementError(f"arm '{label}' selects nothing: N must be at least 1")
 
 
-def _rank_modifier(label: str, mods: str) -> int | None:
-    r = None
+def _size_modifier(label: str, kind: Kind, mods: str) -> int | None:
+    """The arm's :rN, :rfN or :lenN, whichever its family takes, checked positive."""
+    size = None
     for key, value in re.findall(r":([a-z]+)(\d+)", mods):
         if key not in _MODIFIERS:
-            raise PlacementError(f"arm '{label}': unknown modifier :{key}; LoRA arms take :rN, {_MODIFIERS['r']}")
-        if key != "r":
-            raise PlacementError(f"arm '{label}': :{key} is {_MODIFIERS[key]}; LoRA arms take :rN")
-        r = int(value)
-        if r < 1:
-            raise PlacementError(f"arm '{label}' has rank 0: give a positive rank such as :r16")
-    return r
+            raise PlacementError(f"arm '{label}': unknown modifier :{key}; arms take "
+                                 + ", ".join(f":{k}N ({v})" for k, v in _MODIFIERS.items()))
+        if key != kind.modifier:
+            takes = f"takes :{kind.modifier}N, {_MODIFIERS[kind.modifier]}" if kind.modifier else "takes no size"
+            raise PlacementError(f"arm '{label}': :{key} is {_MODIFIERS[key]}; {kind.arm} {takes}")
+        size = int(value)
+        if size < 1:
+            raise PlacementError(f"arm '{label}' has {_SIZE_NAMES[key]} 0, which leaves nothing to train: give a "
+                                 f"positive one, {_MODIFIERS[key].split(', ')[1]}")
+    return size
 
 
 def parse_arms(spec: str) -> list[Arm]:
@@ -327,12 +349,31 @@ def check_arms(arms: list[Arm], model) -> None:
     sites = len(find_sites(model))
     layers = num_layers(model)
     for arm in arms:
+        _check_family(arm, model)
         if arm.k is None:
             continue
-        limit, what = (layers, "layers") if arm.strategy == "last-k" else (sites, "candidate sites")
+        limit, what = (layers, "layers") if arm.strategy in ("last-k", "llama-adapter") else (sites, "candidate sites")
         if arm.k > limit:
             raise PlacementError(f"arm '{arm.label}' asks for {arm.k} {what}, but this model has {limit}: "
                                  f"pass N of at most {limit}")
+
+
+def _check_family(arm: Arm, model) -> None:
+    """What an arm's family cannot do on this model, found before any training: a model type PEFT's LLaMA-Adapter
+    does not take, a bottleneck of width 0."""
+    from ..families import get_family
+    from ..families.prompts import LLAMA_ADAPTER_TYPES
+
+    family = arm_family(arm)
+    if family == "llama-adapter" and model.config.model_type not in LLAMA_ADAPTER_TYPES:
+        raise PlacementError(f"arm '{arm.label}': PEFT's LLaMA-Adapter does not support {model.config.model_type} "
+                             f"models (it takes {', '.join(LLAMA_ADAPTER_TYPES)}): drop the arm")
+    if REGISTRY[arm.strategy].modifier == "rf":
+        for site in get_family(family).find_sites(model):
+            try:
+                get_family(family).params({"d_in": site.d_in, "d_out": site.d_out}, arm.size)
+            except PlacementError as err:  # a width of 0
+                raise PlacementError(f"arm '{arm.label}': {err}") from err
 
 
 def selector_k(arms: list[Arm]) -> int:

@@ -9,10 +9,8 @@ import torch
 
 from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
-from ..families.prompts import prompt_config
+from ..families.prompts import PROMPT_FAMILIES, prompt_config  # noqa: F401  (re-exported)
 from ..model.sites import find_blocks
-
-PROMPT_FAMILIES = ("prompt", "prefix", "llama-adapter")
 
 
 def _sites(family: str, peft_model, model, length: int) -> list[tuple[str, int, str, int, callable]]:

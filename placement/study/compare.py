@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
 from ..families import lora
-from ..plan.plan import Plan
+from ..families.prompts import DEFAULT_LENGTH, PROMPT_FAMILIES
+from ..plan.plan import Plan, prompt_plan
 from ..plan.strategies import (Arm, arm_family, arm_strategy, check_arms, parse_arms, read_spectrum,  # noqa: F401
                                selector_k)
 from ..report.figures import loss_curves
@@ -38,10 +39,13 @@ TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "l
 
 
 def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectrum: dict | None = None) -> Plan:
+    family = arm_family(arm)
+    if family in PROMPT_FAMILIES:  # no linear sites to pick: the family reaches the embedding or whole blocks
+        return prompt_plan(base, model, family, arm.size or DEFAULT_LENGTH, arm.k, label=arm.label)
     r = arm.r or base.peft["r"]
     full = sum(lora.lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: budgets' yardstick
     strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites)
-    plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant).with_family(arm_family(arm))
+    plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant).with_family(family, arm.size)
     plan.strategy["label"] = arm.label
     return plan
 

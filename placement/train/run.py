@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import PlacementError
+from ..families import adapters
 from ..outputs import write_csv
 from ..plan.plan import Plan
 from . import evaluate as ev
@@ -46,6 +48,9 @@ def train_and_evaluate(model, tokenizer, plan: Plan, train_set: list, test_set: 
                        merge: bool = False, progress: bool = False, extra: dict | None = None):
     """Train (checkpointing and resuming in `out`), evaluate, write the run folder; `merge` adds OUT/merged.
     Returns (TrainResult, Evaluation, metrics)."""
+    if merge and not adapters.mergeable(plan.adapter_config()):
+        raise PlacementError(f"--merge folds LoRA or IA3 into the weights; a {plan.family} adapter cannot be "
+                             "merged: drop --merge")
     run = train(model, tokenizer, plan, train_set, settings, out=out, resume=resume, progress=progress)
     eval_kwargs = dict(max_length=settings.max_length, max_new_tokens=max_new_tokens, progress=progress)
     result, metrics = finish_run(run, plan, tokenizer, test_set, out, eval_kwargs=eval_kwargs,

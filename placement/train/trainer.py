@@ -1,4 +1,5 @@
-"""The compact LoRA trainer: apply a plan with PEFT, train with AdamW, checkpoint and resume, save a PEFT adapter.
+"""The compact adapter trainer: apply a plan (LoRA and the other families of PEFT, or our bottlenecks), train with
+AdamW, checkpoint and resume, save the adapter (PEFT's files, or ours for the families PEFT lacks).
 
 One documented rule for every placement, so a comparison is fair: AdamW without weight decay, linear warm-up over
 the first 10% of steps then linear decay to zero, gradient clipping at norm 1.0, the same data order and seed.
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
+from ..families import adapters
 from ..families.lora import MUTATES_BASE, variant_of
 from ..measure import PeakMemory
 from ..model.loss import SummedTokenLoss, token_loss
@@ -99,22 +101,23 @@ class TrainResult:
 
 
 def apply_plan(model, plan: Plan, seed: int = 0):
-    """Wrap `model` with PEFT LoRA layers at the plan's sites; the draw of every lora_A is fixed by `seed`."""
-    from peft import get_peft_model
-
+    """Put the plan's adapter on `model` (PEFT wraps it; our bottlenecks go in place); every random draw of the
+    adapter (lora_A, a bottleneck's down-projection, virtual tokens) is fixed by `seed`."""
     plan.check(model)
     _check_variant_sites(model, plan)
-    torch.manual_seed(seed)
     with warnings.catch_warnings():  # PEFT still calls a transformers method that now warns of its renaming
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            return get_peft_model(model, plan.adapter_config())
+            return adapters.attach(model, plan.adapter_config(model), seed)
+        except PlacementError:
+            raise
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-            if plan.variant == "lora":
+            if plan.family == "lora" and plan.variant == "lora":
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PlacementError(f"PEFT cannot apply the {plan.variant} variant to this plan's sites ({first}): "
-                                 "choose another --variant or other sites") from err
+            what = f"the {plan.variant} variant" if plan.family == "lora" else f"{plan.family}"
+            raise PlacementError(f"PEFT cannot apply {what} to this plan's sites ({first}): "
+                                 "choose another --variant, family or sites") from err
 
 
 def _check_variant_sites(model, plan: Plan) -> None:
@@ -134,12 +137,12 @@ def _check_variant_sites(model, plan: Plan) -> None:
 def initial_adapter(peft_model) -> dict | None:
     """The adapter's tensors as applied, before any step, for the variants that change the base weights (PiSSA,
     OLoRA): the saved adapter is then the trained one minus this, which loads on the original base."""
-    from peft import get_peft_model_state_dict
-
+    if adapters.is_ours(peft_model):
+        return None
     config = peft_model.peft_config["default"]
     if config.peft_type != "LORA" or variant_of(config.to_dict()) not in MUTATES_BASE:
         return None
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.clone() for k, v in adapters.tensors(peft_model).items()}
 
 
 def _step_loss(peft_model, device, settings: TrainSettings, root=None):
@@ -177,7 +180,8 @@ def _schedule(optimizer, settings: TrainSettings):
 
 def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings, *, out: str | Path | None = None,
           resume: bool = False, progress: bool = False, on_step=None) -> TrainResult:
-    """Train a LoRA on the plan's sites. `model` is modified in place (PEFT wraps it) and returned as a PeftModel.
+    """Train the plan's adapter. `model` is modified in place and returned with the adapter on it (a PeftModel for
+    PEFT's families).
 
     With `out` and `settings.save_every`, a checkpoint (adapter, optimizer, schedule, RNG, step, and fingerprints of
     the plan and the data) is written under `out/checkpoints` every `save_every` steps; `resume` continues from the
@@ -190,7 +194,7 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
     peft_model = apply_plan(model, plan, settings.seed)
     initial = initial_adapter(peft_model)
     if settings.checkpointing:  # non-reentrant: blocks need no input that requires grad; the base stays frozen
-        peft_model.base_model.model.gradient_checkpointing_enable(
+        adapters.base_of(peft_model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -249,6 +253,10 @@ def fingerprint(obj) -> str:
 
 
 def plan_fingerprint(plan: Plan) -> str:
+    """What of a plan decides its training: the sites and arguments (and, for another family than LoRA, which)."""
+    if plan.family != "lora":
+        return fingerprint({"targets": sorted(plan.targets), "peft": plan.peft, "family": plan.family,
+                            "family_args": plan.family_args})
     """What a checkpoint's adapter depends on: the sites and the PEFT arguments."""
     return fingerprint({"targets": sorted(plan.targets), "peft": plan.peft})
 
@@ -299,15 +307,12 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losses, lrs, settings,
                     fingerprints: dict) -> Path:
-    from peft import get_peft_model_state_dict
-
     folder = Path(out) / CHECKPOINTS
     target = folder / f"step-{step:07d}"
     if target.exists():  # an incomplete state of this step, left by a kill before a resume
         remove_checkpoint(target)
     with new_dir(target) as tmp:
-        adapter = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        save_file(adapter, str(tmp / "adapter.safetensors"))
+        save_file(adapters.tensors(peft_model), str(tmp / "adapter.safetensors"))
         tensors, groups = _optimizer_tensors(optimizer)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -333,8 +338,6 @@ def remove_checkpoint(state: Path) -> None:
 
 
 def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings, fingerprints: dict):
-    from peft import set_peft_model_state_dict
-
     run = folder.parent.parent
     try:
         state = json.loads((folder / "state.json").read_text())
@@ -358,7 +361,7 @@ def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: Tra
     except Exception as err:  # a damaged file surfaces as the reader's own error type
         raise TrainError(f"the checkpoint {folder} is damaged ({type(err).__name__}): pass --overwrite to start "
                          "afresh") from err
-    set_peft_model_state_dict(peft_model, adapter)
+    adapters.load_tensors(peft_model, adapter)
     slots: dict[int, dict] = {}
     for key, value in flat.items():
         index, name = key.split(".", 1)
@@ -377,6 +380,9 @@ def save_adapter(peft_model, out: str | Path, model_name: str | None = None, ini
     trained adapter minus its initial value: a plain LoRA of twice the rank that loads on the original base."""
     out = Path(out)
     make_dirs(out)
+    if adapters.is_ours(peft_model):  # our families: our config schema and safetensors, placement.families.load
+        adapters.save_ours(peft_model, out)
+        return
     staged = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}adapter.", dir=out))
     try:
         conversion = {}
@@ -418,7 +424,10 @@ def _tidy_adapter_config(path: Path, model_name: str | None) -> str | None:
 
 
 def save_merged(peft_model, tokenizer, out: str | Path) -> None:
-    """The base with the adapter folded in, as an ordinary transformers model folder."""
+    """The base with the adapter folded in, as an ordinary transformers model folder (LoRA and IA3 only)."""
+    if adapters.is_ours(peft_model) or not adapters.mergeable(peft_model.active_peft_config):
+        raise PlacementError("--merge folds LoRA or IA3 into the weights; this family's adapter cannot be merged: "
+                             "drop --merge")
     merged = peft_model.merge_and_unload()
     with new_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -444,8 +453,10 @@ def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: s
 
 def run_metrics(result: TrainResult, plan: Plan) -> dict:
     return {
-        "arm": plan.label, "sites": len(plan.targets), "targets": plan.targets, "r": plan.peft["r"],
-        "lora_alpha": plan.peft["lora_alpha"], "trainable_params": result.trainable_params,
+        "arm": plan.label, "family": plan.family, "family_args": plan.family_args, "sites": len(plan.targets),
+        "targets": plan.targets, "r": plan.peft["r"] if plan.family == "lora" else None,
+        "lora_alpha": plan.peft["lora_alpha"] if plan.family == "lora" else None,
+        "trainable_params": result.trainable_params,
         "steps": result.settings.steps, "lr": result.settings.lr, "batch_size": result.settings.batch_size,
         "train_loss_first": result.losses[0] if result.losses else None,
         "train_loss_last": result.losses[-1] if result.losses else None,
