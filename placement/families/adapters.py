@@ -7,6 +7,8 @@ inserted in place and save as our own files that `placement.families.load` reads
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,3 +65,13 @@ def mergeable(config) -> bool:
     """Whether the adapter folds into the base weights (`--merge`): LoRA and IA3 do; virtual tokens, gates and
     bottleneck MLPs do not."""
     return getattr(config, "peft_type", None) in ("LORA", "IA3")
+
+
+@contextlib.contextmanager
+def quiet():
+    """PEFT's prompt and prefix tuning call transformers with arguments it now warns about on every step (position
+    ids ignored; past_key_values renamed): nothing a user can act on, so it is kept out of the run's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield

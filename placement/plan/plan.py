@@ -82,8 +82,14 @@ class Plan:
         the plan's PEFT arguments so the adapter and every export carry it (itself when `variant` is None)."""
         if variant is None:
             return self
+        self._only_lora("a variant")
         peft = with_variant(self.peft, variant)
         return replace(self, peft=peft, trainable_params=_count(self.sites, self.targets, peft))
+
+    def _only_lora(self, what: str) -> None:
+        if self.family != "lora":
+            raise PlacementError(f"this plan trains {self.family}, not LoRA, so {what} means nothing to it: drop "
+                                 "--r and --variant, or compare the family's sizes as arms (:rfN, :lenN)")
 
     @property
     def variant(self) -> str:
@@ -93,6 +99,7 @@ class Plan:
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
         if r is None:
             return self
+        self._only_lora("a rank")
         return self.with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
 
     @property

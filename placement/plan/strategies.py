@@ -203,13 +203,17 @@ register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, 
 register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",
               from_weights=selectors.snr_targets, arm="snr", count="optional", planned=False))
 register(Kind("given", "sites chosen elsewhere", _given, planned=False))
-register(Kind("ia3", "IA3 on every k, v and FFN down projection (PEFT IA3Config)",
-              _by_role(("k", "v", "qkv", "down")), arm="ia3", planned=False, family="ia3", modifier=None))
-register(Kind("series-bn", "series bottleneck after every attention output and FFN down projection (ours; :rfN "
-              "reduction factor, 16)", _by_role(("o", "down")), arm="series-bn", planned=False, family="series-bn",
+register(Kind("ia3", "IA3 on every k, v and FFN down projection (PEFT IA3Config; -N: its N top sites by its own "
+              "init-gradient score)",
+              _by_role(("k", "v", "qkv", "down")), arm="ia3", count="optional", planned=False,
+              family="ia3", modifier=None))
+register(Kind("series-bn", "series bottleneck after every attention output and FFN down projection (ours; -N: its N "
+              "top sites; :rfN reduction factor, 16)", _by_role(("o", "down")), arm="series-bn", count="optional", planned=False,
+              family="series-bn",
               modifier="rf"))
-register(Kind("parallel-bn", "parallel bottleneck beside every FFN up and down projection (ours; :rfN reduction "
-              "factor, 16)", _by_role(("up", "down")), arm="parallel-bn", planned=False, family="parallel-bn",
+register(Kind("parallel-bn", "parallel bottleneck beside every FFN up and down projection (ours; -N: its N top "
+              "sites; :rfN reduction factor, 16)", _by_role(("up", "down")), arm="parallel-bn", count="optional", planned=False,
+              family="parallel-bn",
               modifier="rf"))
 register(Kind("prompt", "prompt tuning, PEFT (:lenN virtual tokens, 10)", arm="prompt", planned=False,
               family="prompt", modifier="len"))
@@ -386,12 +390,27 @@ def arm_family(arm: Arm) -> str:
     return REGISTRY[arm.strategy].family
 
 
+def ranked_family(arm: Arm) -> str | None:
+    """The module family whose own ranking an arm takes its top N sites from (series-bn-4, ia3-1), or None."""
+    family = arm_family(arm)
+    return family if family != "lora" and arm.k is not None and REGISTRY[arm.strategy].modifier != "len" else None
+
+
 def arm_strategy(arm: Arm, model, default_k: int, seed: int = 0, all_linear_params: int | None = None,
-                 spectrum: dict | None = None, rows: list[dict] | None = None) -> Strategy:
+                 spectrum: dict | None = None, rows: list[dict] | None = None,
+                 family_ranking: dict[str, list[str]] | None = None) -> Strategy:
     """The strategy an arm stands for; data-free selectors pick their sites from the model's weights here, and a
     budget or allocate arm's share becomes a parameter count of `all_linear_params` (all-linear LoRA at the arm's
-    rank); allocate spends it by the profile's gradient `spectrum` over the site `rows`."""
+    rank); allocate spends it by the profile's gradient `spectrum` over the site `rows`. Another family's top-N arm
+    takes the first N of its sites in `family_ranking` (family -> sites, best first, by its init-gradient score)."""
     kind = REGISTRY[arm.strategy]
+    family = ranked_family(arm)
+    if family is not None:
+        ranking = (family_ranking or {}).get(family)
+        if not ranking:
+            raise PlacementError(f"arm '{arm.label}' ranks the sites by {family}'s score: profile with "
+                                 f"--families lora,{family} (or let compare probe)")
+        return Strategy("given", targets=ranking[:arm.k], source=arm.label)
     if arm.percent is not None:
         budget = int(arm.percent / 100 * all_linear_params)
         if arm.strategy == "allocate":

@@ -24,8 +24,8 @@ from ..outputs import write_csv, write_json, write_text
 from ..families import lora
 from ..families.prompts import DEFAULT_LENGTH, PROMPT_FAMILIES
 from ..plan.plan import Plan, prompt_plan
-from ..plan.strategies import (Arm, arm_family, arm_strategy, check_arms, parse_arms, read_spectrum,  # noqa: F401
-                               selector_k)
+from ..plan.strategies import (Arm, arm_family, arm_strategy, check_arms, parse_arms, ranked_family,  # noqa: F401
+                               read_spectrum, selector_k)
 from ..report.figures import loss_curves
 from ..train import evaluate as ev
 from ..train.run import finish_run
@@ -38,13 +38,15 @@ TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "l
                  "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb", "train_loss_last"]
 
 
-def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectrum: dict | None = None) -> Plan:
+def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectrum: dict | None = None,
+             family_ranking: dict[str, list[str]] | None = None) -> Plan:
     family = arm_family(arm)
     if family in PROMPT_FAMILIES:  # no linear sites to pick: the family reaches the embedding or whole blocks
         return prompt_plan(base, model, family, arm.size or DEFAULT_LENGTH, arm.k, label=arm.label)
     r = arm.r or base.peft["r"]
     full = sum(lora.lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: budgets' yardstick
-    strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites)
+    strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites,
+                            family_ranking=family_ranking)
     plan = base.with_strategy(strategy, r=arm.r).with_variant(arm.variant).with_family(family, arm.size)
     plan.strategy["label"] = arm.label
     return plan
@@ -81,6 +83,11 @@ class CompareSettings:
         bad = [lr for lr in self.lrs if not (lr > 0 and math.isfinite(lr))]
         if bad:
             raise PlacementError(f"the learning-rate grid holds {bad[0]}: every rate must be positive")
+        for arm in self.arms:
+            length = arm.size or DEFAULT_LENGTH
+            if arm_family(arm) in PROMPT_FAMILIES and length > self.train.max_length:
+                raise PlacementError(f"arm '{arm.label}' adds {length} virtual tokens, longer than --max-length "
+                                     f"{self.train.max_length}: pass a shorter :lenN")
 
 
 @dataclass
@@ -233,7 +240,8 @@ def train_arm(model, tokenizer, plan: Plan, arm: Arm, splits, settings: CompareS
 
 
 def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings, out: str | Path,
-                progress: bool = False, log=print, spectrum: dict | None = None) -> Comparison:
+                progress: bool = False, log=print, spectrum: dict | None = None,
+                family_ranking: dict[str, list[str]] | None = None) -> Comparison:
     """Evaluate the base model, a majority answer where it applies, and every arm; write each arm's adapter, metrics
     and predictions under `out/arms/`. `report.write_comparison` writes the table and the curves."""
     out = Path(out)
@@ -260,7 +268,8 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     default_k = selector_k(settings.arms)
     first: list[ArmRun] | None = None
     for arm in tqdm(settings.arms, desc="arms", disable=not progress):
-        plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed, spectrum=spectrum)
+        plan = arm_plan(arm, base, model, default_k, seed=settings.train.seed, spectrum=spectrum,
+                        family_ranking=family_ranking)
         runs = train_arm(model, tokenizer, plan, arm, splits, settings, out / "arms" / arm.label.replace(":", "-"),
                          eval_kwargs, base.model.get("name"), progress, log)
         row = _arm_row(arm, plan, runs, full, first, settings.train.seed)
@@ -397,26 +406,44 @@ def run_comparison(model, tokenizer, source, data: str, splits, settings: Compar
     arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
     from .profile import SPECTRUM_K, run_profile, write_profile
 
+    settings.check()
     check_arms(settings.arms, model)  # before the probe: an arm this model cannot give fails in seconds
-    spectrum = None
+    ranked = tuple(sorted({f for f in map(ranked_family, settings.arms) if f}))  # top-N arms of other families
+    spectrum = family_ranking = None
     if base is not None:
         base.check(model)
         folder = Path(scores_folder) if scores_folder else None
-        spectrum = read_spectrum(folder.parent if folder.is_file() else folder) if folder else None
+        folder = folder.parent if folder is not None and folder.is_file() else folder
+        spectrum = read_spectrum(folder) if folder else None
+        family_ranking = read_family_ranking(folder) if folder else None
     else:
         if any(arm.strategy == "allocate" for arm in settings.arms) and not probe_settings.spectrum_k:
             probe_settings = replace(probe_settings, spectrum_k=SPECTRUM_K)  # allocate arms read the spectrum
         profile = run_profile(model, tokenizer, source, data, batches=batches, batch_size=settings.train.batch_size,
                               max_length=settings.train.max_length, settings=probe_settings, progress=progress,
-                              examples=splits[0])
+                              examples=splits[0], families=("lora",) + ranked)
         write_profile(profile, Path(out) / "profile", title=f"{source.name} on {data}: page")
         base = profile.plan
         if profile.result.spectrum is not None:
             spectrum = dict(zip(profile.result.scores["site"], profile.result.spectrum))
+        if profile.families is not None:
+            family_ranking = family_rankings(profile.families)
     comparison = run_compare(model, tokenizer, base, splits, settings, out, progress=progress, log=log,
-                             spectrum=spectrum)
+                             spectrum=spectrum, family_ranking=family_ranking)
     write_comparison(comparison, out, title=f"{source.name} on {data}")
     return comparison, base
+
+
+def family_rankings(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """family -> its sites, best first by the family's own init-gradient score (family_scores.csv's rows)."""
+    return {family: list(rows.sort_values("page", ascending=False, kind="stable")["site"])
+            for family, rows in frame.groupby("family", sort=False)}
+
+
+def read_family_ranking(folder: Path) -> dict[str, list[str]] | None:
+    """A profile folder's family rankings (family_scores.csv), or None when it scored LoRA alone."""
+    path = Path(folder) / "family_scores.csv"
+    return family_rankings(pd.read_csv(path)) if path.is_file() else None
 
 
 def demo_summary(comparison: Comparison, base: Plan, out) -> tuple[dict, list[str]]:

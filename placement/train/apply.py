@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PlacementError
+from ..families import adapters
 from ..families.lora import lora_config
 from ..plan.plan import Plan
 
@@ -43,7 +44,8 @@ def _overrides(peft: dict, overrides: dict) -> dict:
 
 def apply(model, plan: Plan | str | Path, *, variant: str | None = None, r: int | None = None,
           adapter_name: str = ADAPTER, **overrides):
-    """The plan's LoRA on `model`, checked against it first; returns the PeftModel.
+    """The plan's LoRA on `model`, checked against it first; returns the PeftModel (a plan of another family puts
+    that family's adapter on instead: PEFT's, or our bottlenecks in place).
 
     `plan` is a Plan, a plan file or a profile's folder. `variant` (rslora, dora, pissa, olora) and `r` (alpha / r
     kept) change the plan; other keyword arguments override LoraConfig fields (lora_dropout, bias, ...). A model
@@ -57,6 +59,11 @@ def apply(model, plan: Plan | str | Path, *, variant: str | None = None, r: int 
     model = unwrap(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     plan.check(base)
+    if plan.family != "lora":  # another family's plan (IA3, bottleneck, virtual tokens): its own config, unchanged
+        if overrides or isinstance(model, PeftModel):
+            raise PlacementError(f"apply() puts a {plan.family} plan on a bare model as it is: pass no LoraConfig "
+                                 "arguments and no model that already has an adapter")
+        return adapters.attach(model, plan.adapter_config(model))
     config = lora_config(_overrides({k: v for k, v in plan.peft.items() if k != "target_modules"}, overrides)
                          | {"target_modules": plan.targets})
     if getattr(base, "is_gradient_checkpointing", False):

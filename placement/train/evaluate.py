@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
+from ..families import adapters
 from ..model.loss import example_losses
 from . import answers
 
@@ -91,6 +92,11 @@ def evaluate(model, tokenizer, examples: list, *, kind: str | None = None, batch
              max_length: int = 256, max_new_tokens: int = 32, progress: bool = False) -> Evaluation:
     """Held-out loss always; exact match (and balanced accuracy for yes/no and multiple choice) when answers exist."""
     model.eval()
+    with adapters.quiet():
+        return _evaluate(model, tokenizer, examples, kind, batch_size, max_length, max_new_tokens, progress)
+
+
+def _evaluate(model, tokenizer, examples, kind, batch_size, max_length, max_new_tokens, progress) -> Evaluation:
     losses, mean = per_example_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
     result = Evaluation(mean, losses=losses)
     kind = kind or task_kind(examples)

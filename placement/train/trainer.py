@@ -213,7 +213,7 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
     step_loss = _step_loss(peft_model, device, settings, root)
     peft_model.train()
     seconds = []
-    with PeakMemory(device) as peak:
+    with PeakMemory(device) as peak, adapters.quiet():
         for step in tqdm(range(start, settings.steps), desc="training", disable=not progress, initial=start,
                          total=settings.steps):
             began = time.perf_counter()
