@@ -191,9 +191,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def bottleneck_gradient(v: torch.Tensor, d: torch.Tensor, down: torch.Tensor, bias: torch.Tensor,
                         activation: str, scale: float) -> torch.Tensor:
-    """U's first gradient for one batch (float64): s * sum_t d_t f(D v_t + b)^T."""
-    z = ACTIVATIONS[activation](v.double() @ down.double().t() + bias.double())
-    return scale * d.double().reshape(-1, d.shape[-1]).t() @ z.reshape(-1, z.shape[-1])
+    """U's first gradient for one batch: s * sum_t d_t f(D v_t + b)^T, in float32 at least (the precision autograd
+    gives U.grad; half-precision activations are widened)."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    z = ACTIVATIONS[activation](v.to(dtype) @ down.to(dtype).t() + bias.to(dtype))
+    return scale * d.to(dtype).reshape(-1, d.shape[-1]).t() @ z.reshape(-1, z.shape[-1])
 
 
 def draw_down(d_read: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

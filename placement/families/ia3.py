@@ -46,10 +46,11 @@ def ia3_config(kwargs: dict):
 
 def ia3_gradient(x: torch.Tensor, y: torch.Tensor, d_out: torch.Tensor, d_in: torch.Tensor | None,
                  input_scaling: bool) -> torch.Tensor:
-    """l's first gradient for one batch, from the site's input x, output y and their gradients (float64)."""
-    if input_scaling:
-        return (x.double() * d_in.double()).reshape(-1, x.shape[-1]).sum(dim=0)
-    return (y.double() * d_out.double()).reshape(-1, y.shape[-1]).sum(dim=0)
+    """l's first gradient for one batch, from the site's input x, output y and their gradients, in float32 at least
+    (the precision autograd gives l.grad; half-precision activations are widened)."""
+    a, b = (x, d_in) if input_scaling else (y, d_out)
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(dtype) * b.to(dtype)).reshape(-1, a.shape[-1]).sum(dim=0)
 
 
 IA3 = register(Family(

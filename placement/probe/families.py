@@ -3,7 +3,7 @@ every candidate at its initial value the forward is the base model's, so one for
 calibration batches gives each site exactly the first gradient it would receive alone (DESIGN.md section 10).
 
 Hooks on each site read its input x, its output y and the gradients at both; per batch each family forms its
-parameter's first gradient in float64 and adds its squared norm. The score is the mean over batches, as PAGE is.
+parameter's first gradient in float32 (as autograd does) and adds its squared norm in float64. The score is the mean over batches, as PAGE is.
 """
 from __future__ import annotations
 
@@ -76,10 +76,11 @@ def _hook(candidate: FamilySite, activation: str, scale: float):
             else:
                 g = bn.bottleneck_gradient(y if candidate.family == "series-bn" else x, d, *candidate.down,
                                            activation, scale)
-            candidate.energy += float(g.pow(2).sum())
+            candidate.energy += float(g.double().pow(2).sum())
 
         def at_input(grad):
-            candidate.energy += float(ia3.ia3_gradient(x, y, None, grad.detach(), input_scaling=True).pow(2).sum())
+            candidate.energy += float(ia3.ia3_gradient(x, y, None, grad.detach(), input_scaling=True).double()
+                                      .pow(2).sum())
 
         if scales_input:
             if inputs[0].requires_grad:

@@ -134,6 +134,9 @@ def loss_curves(curves: dict[str, list[float]], table: pd.DataFrame | None, path
     _save(fig, path)
 
 
+FAMILY_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
 def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> None:
     """Exact match where the task has answers, held-out loss otherwise, against trainable parameters (log scale),
     each arm with its 95% interval and the Pareto front (the best quality at no more parameters) drawn through
@@ -145,6 +148,8 @@ def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> No
         if len(row) and pd.notna(row[metric].iloc[0]):
             ax.axhline(scale * row[metric].iloc[0], color="#777", linestyle=style, linewidth=1, label=name)
     points = []
+    families = [f for f in dict.fromkeys(table.get("family", pd.Series(dtype=object)).dropna()) if f]
+    marker = {family: FAMILY_MARKERS[i % len(FAMILY_MARKERS)] for i, family in enumerate(families)}
     for i, label in enumerate(arm_order):
         row = table[table["arm"] == label]
         if not len(row) or pd.isna(row[metric].iloc[0]):
@@ -154,7 +159,8 @@ def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> No
         if lo is not None and hi is not None and pd.notna(lo.iloc[0]) and pd.notna(hi.iloc[0]):
             ax.errorbar([x], [y], yerr=[[y - scale * lo.iloc[0]], [scale * hi.iloc[0] - y]], color=colours(i % 10),
                         capsize=3, linewidth=1, zorder=2)
-        ax.scatter([x], [y], color=colours(i % 10), s=46, zorder=3)
+        family = row["family"].iloc[0] if "family" in row else None
+        ax.scatter([x], [y], color=colours(i % 10), s=46, zorder=3, marker=marker.get(family, "o"))
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         points.append((x, y))
     better = (lambda a, b: a > b) if metric == "exact_match" else (lambda a, b: a < b)
@@ -165,6 +171,9 @@ def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> No
             best = y
     if len(front) > 1:
         ax.plot(*zip(*front), color="#444", linewidth=1, linestyle="-", alpha=0.6, zorder=1, label="Pareto front")
+    if len(families) > 1:  # one marker per adapter family, named in the legend
+        for family, shape in marker.items():
+            ax.scatter([], [], marker=shape, color="#555", s=40, label=family)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("exact match on the test split (%)" if metric == "exact_match" else "held-out loss")

@@ -33,7 +33,7 @@ from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerp
 from . import stats
 
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-TABLE_COLUMNS = ["arm", "sites", "r", "trainable_params", "params_pct", "lr", "lr_at_edge", "seeds", "eval_loss",
+TABLE_COLUMNS = ["arm", "family", "sites", "r", "trainable_params", "params_pct", "lr", "lr_at_edge", "seeds", "eval_loss",
                  "eval_loss_lo", "eval_loss_hi", "val_loss", "exact_match", "exact_match_lo", "exact_match_hi",
                  "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb", "train_loss_last"]
 
@@ -119,7 +119,8 @@ def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in table.iterrows():
         rows.append({
-            "arm": row["arm"], "sites": value(row["sites"], lambda v: f"{int(v)}"),
+            "arm": row["arm"], "family": value(row.get("family"), str),
+            "sites": value(row["sites"], lambda v: f"{int(v)}"),
             "r": value(row["r"], lambda v: f"{int(v)}"),
             "trainable params": value(row["trainable_params"], lambda v: f"{int(v):,}"),
             "of all-linear": value(row["params_pct"], lambda v: f"{v:.2f}%"),
@@ -134,6 +135,8 @@ def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
             "peak MiB": value(row["peak_mem_mb"], lambda v: f"{v:.0f}"),
         })
     shown = pd.DataFrame(rows)
+    if set(shown["family"]) <= {"", "lora"}:  # a comparison of LoRA placements alone needs no family column
+        shown = shown.drop(columns="family")
     # columns with nothing to show (no answers, no balanced accuracy, one arm without tests) are left out
     return shown[[c for c in shown.columns if c == "arm" or (shown[c] != "").any()]]
 
@@ -339,7 +342,8 @@ def _arm_row(arm: Arm, plan: Plan, runs: list[ArmRun], full: int, first: list[Ar
         return float(np.mean(values)) if all(v is not None for v in values) else float("nan")
 
     params = metrics[0]["trainable_params"]
-    row = _row(arm.label, sites=len(plan.targets), r=plan.peft["r"] if plan.family == "lora" else None,
+    row = _row(arm.label, family=plan.family, sites=len(plan.targets),
+               r=plan.peft["r"] if plan.family == "lora" else None,
                trainable_params=params,
                params_pct=100 * params / full, lr=metrics[0]["lr"], lr_at_edge=metrics[0].get("lr_at_edge"),
                seeds=len(runs), eval_loss=mean("eval_loss"), val_loss=mean("val_loss"), exact_match=mean("exact_match"),
