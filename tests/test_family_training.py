@@ -156,6 +156,12 @@ def test_compare_trains_other_families_on_their_own_ranking(invoke, model_dir, t
         plan = json.loads((out / "arms" / label / "plan.json").read_text())
         assert plan["family"] == family and sorted(plan["targets"]) == sorted(best)
     assert rows["ia3-1"]["sites"] == 1 and rows["prompt:len2"]["trainable_params"] == 2 * 16
+    trained = invoke("train", "--plan", out / "arms" / "series-bn-2-rf4" / "plan.json", "--model", model_dir, "--data",
+                     "builtin:arithmetic", "--steps", "2", "--batch-size", "4", "--test", "4", "--validation", "0",
+                     "--max-new-tokens", "4", "--out", tmp_path / "t", "--quiet", "--json")
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.output)["family"] == "series-bn"
+    assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["schema"] == "placement-bottleneck/1"
 
 
 @pytest.mark.parametrize("arms,words", [("prefix:len300", "longer than --max-length"),
