@@ -82,14 +82,9 @@ class Plan:
         the plan's PEFT arguments so the adapter and every export carry it (itself when `variant` is None)."""
         if variant is None:
             return self
-        self._only_lora("a variant")
+        _lora_only(self, "a variant")
         peft = with_variant(self.peft, variant)
         return replace(self, peft=peft, trainable_params=_count(self.sites, self.targets, peft))
-
-    def _only_lora(self, what: str) -> None:
-        if self.family != "lora":
-            raise PlacementError(f"this plan trains {self.family}, not LoRA, so {what} means nothing to it: drop "
-                                 "--r and --variant, or compare the family's sizes as arms (:rfN, :lenN)")
 
     @property
     def variant(self) -> str:
@@ -99,7 +94,7 @@ class Plan:
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
         if r is None:
             return self
-        self._only_lora("a rank")
+        _lora_only(self, "a rank")
         return self.with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
 
     @property
@@ -129,12 +124,10 @@ class Plan:
     def lora_config(self):
         return lora_config(self.peft)
 
-    def adapter_config(self, model=None):
-        """The config that applies the plan: PEFT's for LoRA, IA3 and the prompt families, ours for bottlenecks."""
+    def adapter_config(self, model=None):  # PEFT's config for LoRA, IA3 and prompt families; ours for bottlenecks
         return adapter_config(self, model)
 
-    def with_family(self, family: str, size: int | None = None) -> "Plan":
-        """The same sites with another module family (IA3, bottlenecks), its trainable parameters counted."""
+    def with_family(self, family: str, size: int | None = None) -> "Plan":  # another module family, params counted
         return with_family(self, family, size)
 
     def targets_by_rank(self) -> list[str]:
@@ -169,6 +162,12 @@ def adapter_config(plan: Plan, model=None):
         model_type = plan.model.get("model_type") or getattr(getattr(model, "config", None), "model_type", "")
         return prompts.prompt_config(plan.family, args["num_virtual_tokens"], len(plan.targets), model_type)
     raise PlacementError(f"plans of the {plan.family} family are not trained by this version")
+
+
+def _lora_only(plan: Plan, what: str) -> None:
+    if plan.family != "lora":
+        raise PlacementError(f"this plan trains {plan.family}, not LoRA, so {what} means nothing to it: drop "
+                             "--r and --variant, or compare the family's sizes as arms (:rfN, :lenN)")
 
 
 def with_family(plan: Plan, family: str, size: int | None = None) -> Plan:
