@@ -17,7 +17,7 @@ class Family:
     name: str
     help: str
     find_sites: Callable  # (model) -> list[Site]
-    params: Callable  # (site row with d_in and d_out, size such as the rank) -> trainable parameters
+    params: Callable  # (site row with d_in and d_out, size: LoRA's rank, a bottleneck's reduction factor) -> params
     config: Callable  # (a plan's adapter arguments) -> the config object that applies it (PEFT's, or ours)
 
 
