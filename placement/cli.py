@@ -202,11 +202,11 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, ch
 @compare_options
 @writes_run
 def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size, max_length, seed,
-            max_new_tokens, arms, rank, variant, alpha, scores, batches, lr_sweep, sweep_arms, sweep_steps, seeds,
-            resume, out, overwrite, make_report, as_json, quiet):
+            max_new_tokens, arms, rank, variant, alpha, scores, batches, lr_sweep, lr_grid, sweep_arms, sweep_steps,
+            seeds, resume, out, overwrite, make_report, as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
-    from .study.compare import CompareSettings, compare_inputs
+    from .study.compare import CompareSettings, compare_inputs, parse_rates
     from .train import TrainSettings
 
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
@@ -217,7 +217,8 @@ def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, 
     splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
     parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens, variant)
     compare_settings = CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, seeds=seeds,
-                                       max_new_tokens=max_new_tokens, sweep_steps=sweep_steps, resume=resume)
+                                       lrs=parse_rates(lr_grid), max_new_tokens=max_new_tokens,
+                                       sweep_steps=sweep_steps, resume=resume)
     compare_settings.check()
     comparison, base = _comparison(out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
                                    compare_settings, make_report, resume=resume, scores_folder=scores)

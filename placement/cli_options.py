@@ -241,6 +241,7 @@ compare_options = options(  # compare: the model, data and training, the arms an
     click.option("--batches", type=int, default=8, show_default=True, help="calibration batches of the probe"),
     click.option("--lr-sweep", is_flag=True,
                  help="sweep 1e-4 .. 1e-2 per arm on seed 0 by validation loss (one step past an edge)"),
+    click.option("--lr-grid", default=None, help="comma-separated rates for --lr-sweep instead of 1e-4 .. 1e-2"),
     click.option("--sweep-arms", default=None, help="comma-separated arms to sweep (default: all)"),
     click.option("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: --steps)"),
     click.option("--seeds", type=int, default=1, show_default=True,

@@ -194,10 +194,23 @@ def test_cli_train_and_compare(invoke, model_dir, plan_dir, tmp_path):
     assert (tmp_path / "c" / "profile" / "heatmap.png").is_file()
 
 
+def test_the_sweep_tries_the_rates_of_lr_grid(invoke, model_dir, tmp_path):
+    swept = invoke("compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant",
+                   "--lr-sweep", "--lr-grid", "2e-3,2e-2", "--sweep-steps", "1", "--steps", "1", "--batch-size", "4",
+                   "--batches", "1", "--test", "4", "--validation", "4", "--max-new-tokens", "2",
+                   "--out", tmp_path / "c", "--quiet")
+    assert swept.exit_code == 0, swept.output
+    metrics = json.loads((tmp_path / "c" / "arms" / "dominant" / "metrics.json").read_text())
+    assert [r["lr"] for r in metrics["lr_sweep"]][:2] == [2e-3, 2e-2] and metrics["lr"] in {2e-4, 2e-3, 2e-2, 2e-1}
+
+
 @pytest.mark.parametrize("args,words", [
     (["compare", "--arms", "dominat"], "unknown arm"),
     (["compare", "--lr-sweep", "--validation", "0"], "validation"),
     (["compare", "--lr-sweep", "--sweep-arms", "kappa"], "not in --arms"),
+    (["compare", "--lr-sweep", "--lr-grid", "1e-3,-1e-2"], "every rate must be positive"),
+    (["compare", "--lr-sweep", "--lr-grid", "fast"], "not a comma-separated list"),
+    (["compare", "--seeds", "0"], "--seeds 0"),
     (["train", "--resume"], "no checkpoint"),
     (["train", "--steps", "0"], "--steps"),
 ])

@@ -97,3 +97,11 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_every_arm_of_a_large_comparison_gets_its_own_colour():
+    from placement.report.figures import _palette
+
+    for count in (3, 10, 13, 20):
+        colours = _palette(count)
+        assert len({colours(i) for i in range(count)}) == count

@@ -115,11 +115,11 @@ def loss_curves(curves: dict[str, list[float]], table: pd.DataFrame | None, path
     with_table = table is not None and len(table)
     fig, axes = plt.subplots(1, 2 if with_table else 1, figsize=(13 if with_table else 7.5, 4.6), squeeze=False)
     ax = axes[0, 0]
-    colours = plt.get_cmap("tab10")
+    colours = _palette(len(curves))
     for i, (label, losses) in enumerate(curves.items()):
         steps = np.arange(1, len(losses) + 1)
-        ax.plot(steps, losses, color=colours(i % 10), alpha=0.18, linewidth=0.8)
-        ax.plot(steps, _smooth(losses), color=colours(i % 10), linewidth=1.8, label=label)
+        ax.plot(steps, losses, color=colours(i), alpha=0.18, linewidth=0.8)
+        ax.plot(steps, _smooth(losses), color=colours(i), linewidth=1.8, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (per target token)")
     ax.set_yscale("log")
@@ -132,6 +132,13 @@ def loss_curves(curves: dict[str, list[float]], table: pd.DataFrame | None, path
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _palette(count: int):
+    """A colour per arm: tab10 while it has one for each, tab20 beyond (twice as many, in light/dark pairs)."""
+    name, size = ("tab10", 10) if count <= 10 else ("tab20", 20)
+    cmap = plt.get_cmap(name)
+    return lambda i: cmap(i % size)
 
 
 FAMILY_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
@@ -157,10 +164,10 @@ def _quality_panel(ax, table: pd.DataFrame, arm_order: list[str], colours) -> No
         x, y = row["trainable_params"].iloc[0], scale * row[metric].iloc[0]
         lo, hi = (row.get(f"{metric}_lo"), row.get(f"{metric}_hi"))
         if lo is not None and hi is not None and pd.notna(lo.iloc[0]) and pd.notna(hi.iloc[0]):
-            ax.errorbar([x], [y], yerr=[[y - scale * lo.iloc[0]], [scale * hi.iloc[0] - y]], color=colours(i % 10),
+            ax.errorbar([x], [y], yerr=[[y - scale * lo.iloc[0]], [scale * hi.iloc[0] - y]], color=colours(i),
                         capsize=3, linewidth=1, zorder=2)
         family = row["family"].iloc[0] if "family" in row else None
-        ax.scatter([x], [y], color=colours(i % 10), s=46, zorder=3, marker=marker.get(family, "o"))
+        ax.scatter([x], [y], color=colours(i), s=46, zorder=3, marker=marker.get(family, "o"))
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         points.append((x, y))
     better = (lambda a, b: a > b) if metric == "exact_match" else (lambda a, b: a < b)

@@ -387,6 +387,20 @@ def variant_note(labels) -> str:
             "arms the ranking came from the default init, not from their own.\n\n")
 
 
+def parse_rates(text: str | None) -> tuple[float, ...]:
+    """`--lr-grid 3e-2,1e-1,3e-1`: the rates the sweep tries (the default grid without one). Prompt and prefix
+    tuning, for one, train best at rates far above LoRA's."""
+    if not text:
+        return SWEEP_LRS
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise PlacementError(f"--lr-grid '{text}' is not a comma-separated list of numbers: pass e.g. 1e-3,3e-3,1e-2") from None
+    if not rates:
+        raise PlacementError("--lr-grid is empty: pass comma-separated rates such as 1e-3,3e-3,1e-2")
+    return rates
+
+
 def compare_inputs(arms: str, splits, lr_sweep: bool, sweep_arms: str | None, scores: str | None,
                    max_new_tokens: int, variant: str | None = None) -> tuple[list[Arm], list[str] | None, Plan | None]:
     """Everything about a comparison that can be wrong without a model, checked before any loading:
