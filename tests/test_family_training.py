@@ -172,3 +172,45 @@ def test_compare_refuses_what_a_family_cannot_do_in_one_line(invoke, model_dir, 
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code != 0 and len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "o").exists()
+
+
+def _prefix_tuned(seed=0):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():  # a trained prefix: far from its init, so it changes what the model says
+        for p in model.prompt_encoder.parameters():
+            p.copy_(3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_a_prefix_tuned_model_generates_with_its_prefix():
+    from placement.train import evaluate as ev
+
+    model, tokenizer = _prefix_tuned(), tiny_tokenizer()
+    assert ev.drops_prefix_in_generate(model) and not ev.drops_prefix_in_generate(tiny_model("llama"))
+    batch = data_mod.to_examples(data_mod.arithmetic_records(4, 0))
+    input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, batch)
+    with torch.no_grad():
+        first = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].argmax(-1)
+        without = model.get_base_model()(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].argmax(-1)
+    assert not torch.equal(first, without)  # the prefix changes the first answer token
+    outputs = ev.generate(model, tokenizer, batch, max_new_tokens=3)
+    assert [o[:1] for o in outputs] == [o[:1] for o in tokenizer.batch_decode(first[:, None], skip_special_tokens=True)]
+
+
+def test_greedy_without_cache_is_what_generate_gives_where_generate_is_right():
+    from transformers import GenerationConfig
+
+    from placement.train import evaluate as ev
+
+    model, tokenizer = tiny_model("llama").eval(), tiny_tokenizer()
+    input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, data_mod.to_examples(
+        data_mod.arithmetic_records(5, 1)))
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=ev.stop_ids(tokenizer),
+                              pad_token_id=data_mod.pad_token_id(tokenizer))
+    with torch.no_grad():
+        ours = ev.greedy_uncached(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        theirs = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    assert torch.equal(ours, theirs)
