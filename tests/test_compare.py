@@ -308,3 +308,13 @@ def test_an_ia3_arm_trains_peft_ia3_on_the_same_data(make_plan, tmp_path):
     assert sum(p.numel() for n, p in loaded.named_parameters() if "ia3_l" in n) == rows.loc["ia3", "trainable_params"]
     with pytest.raises(PlacementError, match="not a LoRA"):
         parse_arms("ia3+dora")
+
+
+def test_an_interval_over_few_seeds_stays_within_what_the_measure_can_take():
+    from placement.study.compare import _intervals
+
+    out = _intervals([], losses=[0.2, 0.21, 2.9], ems=[0.0, 0.01, 0.33])
+    assert out["exact_match_lo"] == 0.0 and out["eval_loss_lo"] == 0.0
+    assert 0.33 < out["exact_match_hi"] <= 1.0 and out["eval_loss_hi"] > 2.9
+    narrow = _intervals([], losses=[1.0, 1.1, 1.2], ems=[0.3, 0.31, 0.32])
+    assert narrow["exact_match_lo"] == pytest.approx(0.31 - 4.303 * 0.01 / 3**0.5, abs=1e-3)

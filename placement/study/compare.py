@@ -288,14 +288,15 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
 
 def _intervals(predictions: list[pd.DataFrame], losses: list[float], ems: list) -> dict:
     """95% intervals of held-out loss and exact match: over seeds (t) with several, else over test questions
-    (Wilson for exact match, a bootstrap of the per-question loss)."""
+    (Wilson for exact match, a bootstrap of the per-question loss). A t interval over a few spread-out seeds can
+    reach past what the measure can take (below 0% exact match), so it is clipped to the measure's range."""
     out = {}
     if len(losses) > 1:
-        for name, values in (("eval_loss", losses), ("exact_match", ems)):
+        for name, values, top in (("eval_loss", losses, np.inf), ("exact_match", ems, 1.0)):
             values = np.array([v for v in values if v is not None and pd.notna(v)], dtype=float)
             if len(values) > 1:
                 half = st.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-                out[f"{name}_lo"], out[f"{name}_hi"] = values.mean() - half, values.mean() + half
+                out[f"{name}_lo"], out[f"{name}_hi"] = max(values.mean() - half, 0.0), min(values.mean() + half, top)
         return out
     frame = predictions[0]
     if "correct" in frame and frame["correct"].notna().any():
