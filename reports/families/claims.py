@@ -6,6 +6,7 @@ same questions (from each arm's predictions.csv, scored with the tool's own answ
 """
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from placement.study import stats
@@ -28,6 +29,12 @@ CLAIMS = [  # (claim, arm a, arm b): "a beats b" is what the claim expects
     ("LLaMA-Adapter against IA3", "llama-adapter:len10", "ia3"),
     ("one LoRA on the dominant site against all-linear LoRA", "dominant", "all-linear"),
     ("training helps at all: all-linear LoRA over the untrained model", "all-linear", "base"),
+    # Runs beside the main one ("FOLDER/ARM"): prompt and prefix tuning swept over rates of their own (arithmetic),
+    # FFN and attention LoRA at one fixed rate (math), where the 5-step sweep chose 1e-2 for both
+    ("prefix tuning at its own rates (sweep up to 3e-1) against all-linear LoRA", "arith-prompts/prefix:len10", "all-linear"),
+    ("prompt tuning at its own rates (sweep up to 3e-1) against the untrained model", "arith-prompts/prompt:len10", "base"),
+    ("prefix tuning at its own rates against the untrained model", "arith-prompts/prefix:len10", "base"),
+    ("FFN LoRA beats attention LoRA, both at lr 3e-3", "math-fixed-lr/ffn", "math-fixed-lr/attn-qv"),
 ]
 
 
@@ -37,12 +44,33 @@ def correct(path: Path) -> list[bool]:
     return [answers.is_correct(str(o), str(a), kind) for o, a in zip(frame["output"], frame["answer"])]
 
 
+def locate(run: Path, label: str) -> tuple[Path, str]:
+    """(run folder, arm) of a claim's arm: ARM in the task's main run, FOLDER/ARM in a run beside it."""
+    folder, _, arm = label.rpartition("/")
+    return (HERE / folder if folder else run), arm
+
+
+def row(run: Path, label: str) -> pd.Series | None:
+    """The arm's row of its run's comparison.csv, or None when that run or arm is not there."""
+    folder, arm = locate(run, label)
+    if not (folder / "comparison.csv").is_file():
+        return None
+    table = pd.read_csv(folder / "comparison.csv").set_index("arm")
+    return table.loc[arm] if arm in table.index and predictions(run, label).is_file() else None
+
+
 def predictions(run: Path, label: str) -> Path:
     """An arm's predictions.csv (seed 0's with several seeds); the untrained model's for `base`."""
+    run, label = locate(run, label)
     if label == "base":
         return run / "base_predictions.csv"
     folder = run / "arms" / label.replace(":", "-")
     return (folder / "seed-0" if (folder / "seed-0").is_dir() else folder) / "predictions.csv"
+
+
+def same_questions(a: Path, b: Path) -> bool:
+    prompts = [list(pd.read_csv(path, keep_default_na=False)["prompt"]) for path in (a, b)]
+    return prompts[0] == prompts[1]
 
 
 def em(values: list[bool]) -> str:
@@ -67,6 +95,41 @@ def per_set(run: Path, table: pd.DataFrame) -> list[str]:
             "| --- | --- | --- | --- |", *rows, ""]
 
 
+def seed_correctness(run: Path, label: str) -> np.ndarray:
+    """Per question, the share of the arm's seeds that answered it right (the untrained model: 0 or 1)."""
+    folder = run / "arms" / label.replace(":", "-")
+    paths = sorted(folder.glob("seed-*/predictions.csv")) if label != "base" else [run / "base_predictions.csv"]
+    return np.mean([correct(path) for path in paths], axis=0)
+
+
+def seeds_section(run: Path) -> list[str]:
+    """The claims again on the three-seed run: exact match as its mean over seeds with the t interval of
+    comparison.csv, and the difference a - b as a paired bootstrap over questions of seed-averaged correctness."""
+    if not (run / "comparison.csv").is_file():
+        return []
+    table = pd.read_csv(run / "comparison.csv").set_index("arm")
+
+    def em_seeds(label: str) -> str:
+        r = table.loc[label]
+        if label == "base":
+            return em(correct(run / "base_predictions.csv"))
+        return f"{100 * r['exact_match']:.1f}% [{100 * r['exact_match_lo']:.1f}, {100 * r['exact_match_hi']:.1f}]"
+
+    lines = ["## arithmetic, three seeds", "", "Exact match: mean over seeds 0-2 with the t 95% interval over seeds; "
+             "a - b: mean difference in points with its paired bootstrap 95% interval over the 300 questions of "
+             "seed-averaged correctness, and its p.", "",
+             "| claim | arm a | params | exact match a | arm b | params | exact match b | a - b [95%] | p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for claim, a, b in CLAIMS:
+        if "/" in a + b or a not in table.index or b not in table.index:
+            continue
+        diff = stats.paired_bootstrap(seed_correctness(run, a), seed_correctness(run, b))
+        lines.append(f"| {claim} | {a} | {int(table.loc[a, 'trainable_params'] or 0):,} | {em_seeds(a)} | {b} | "
+                     f"{int(table.loc[b, 'trainable_params'] or 0):,} | {em_seeds(b)} | {100 * diff['mean']:+.1f} "
+                     f"[{100 * diff['lo']:+.1f}, {100 * diff['hi']:+.1f}] | {diff['p']:.2g} |".replace("| 0 |", "| <0.001 |"))
+    return lines + [""]
+
+
 def main() -> None:
     lines = ["# Family claims on the embedded model", "",
              "Made by `python reports/families/claims.py` from the committed `predictions.csv` files. Exact match "
@@ -79,18 +142,23 @@ def main() -> None:
         lines += [f"## {task}", "", "| claim | arm a | params | exact match a | arm b | params | exact match b | "
                   "loss a / b | a / b right only | p |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for claim, a, b in CLAIMS:
-            if a not in table.index or b not in table.index:
+            ra, rb = row(run, a), row(run, b)
+            if ra is None or rb is None:
                 continue
+            if not (same_questions(predictions(run, a), predictions(run, b))
+                    and same_questions(predictions(run, a), run / "base_predictions.csv")):
+                continue  # a claim of the other task's runs
             ca, cb = correct(predictions(run, a)), correct(predictions(run, b))
             only_a = sum(x and not y for x, y in zip(ca, cb))
             only_b = sum(y and not x for x, y in zip(ca, cb))
             p = stats.mcnemar(only_a, only_b)
-            lines.append(f"| {claim} | {a} | {int(table.loc[a, 'trainable_params']):,} | {em(ca)} | {b} | "
-                         f"{int(table.loc[b, 'trainable_params'] or 0):,} | {em(cb)} | {table.loc[a, 'eval_loss']:.3f} / "
-                         f"{table.loc[b, 'eval_loss']:.3f} | {only_a} / {only_b} | {p:.2g} |")
+            lines.append(f"| {claim} | {a} | {int(ra['trainable_params'] or 0):,} | {em(ca)} | {b} | "
+                         f"{int(rb['trainable_params'] or 0):,} | {em(cb)} | {ra['eval_loss']:.3f} / "
+                         f"{rb['eval_loss']:.3f} | {only_a} / {only_b} | {p:.2g} |")
         lines.append("")
         if (run / "arms").is_dir() and "math" in task:
             lines += per_set(run, table)
+    lines += seeds_section(HERE / "arith-seeds")
     (HERE / "claims.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
