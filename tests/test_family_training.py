@@ -200,17 +200,18 @@ def test_a_prefix_tuned_model_generates_with_its_prefix():
     assert [o[:1] for o in outputs] == [o[:1] for o in tokenizer.batch_decode(first[:, None], skip_special_tokens=True)]
 
 
-def test_greedy_without_cache_is_what_generate_gives_where_generate_is_right():
+def test_the_prefix_decoder_with_its_cache_gives_what_it_gives_without():
     from transformers import GenerationConfig
 
     from placement.train import evaluate as ev
 
-    model, tokenizer = tiny_model("llama").eval(), tiny_tokenizer()
+    model, tokenizer = _prefix_tuned(1), tiny_tokenizer()
     input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, data_mod.to_examples(
         data_mod.arithmetic_records(5, 1)))
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=ev.stop_ids(tokenizer),
                               pad_token_id=data_mod.pad_token_id(tokenizer))
     with torch.no_grad():
-        ours = ev.greedy_uncached(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        theirs = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    assert torch.equal(ours, theirs)
+        cached = ev.greedy_prefix(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        whole = ev.greedy_prefix(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 use_cache=False)
+    assert cached.shape[1] > input_ids.shape[1] and torch.equal(cached, whole)

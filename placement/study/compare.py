@@ -396,7 +396,8 @@ def parse_rates(text: str | None) -> tuple[float, ...]:
     try:
         rates = tuple(float(r) for r in text.split(",") if r.strip())
     except ValueError:
-        raise PlacementError(f"--lr-grid '{text}' is not a comma-separated list of numbers: pass e.g. 1e-3,3e-3,1e-2") from None
+        raise PlacementError(f"--lr-grid '{text}' is not a comma-separated list of numbers: "
+                             "pass e.g. 1e-3,3e-3,1e-2") from None
     if not rates:
         raise PlacementError("--lr-grid is empty: pass comma-separated rates such as 1e-3,3e-3,1e-2")
     return rates

@@ -83,7 +83,7 @@ def generate(model, tokenizer, examples: list, *, batch_size: int = 16, max_new_
     chunks = range(0, len(examples), batch_size)
     for start in tqdm(chunks, desc="generating", disable=not progress):
         input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, examples[start:start + batch_size])
-        decode = functools.partial(greedy_uncached, model) if drops_prefix_in_generate(model) else model.generate
+        decode = functools.partial(greedy_prefix, model) if drops_prefix_in_generate(model) else model.generate
         new = decode(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                      generation_config=config)[:, input_ids.shape[1]:]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -94,25 +94,36 @@ def drops_prefix_in_generate(model) -> bool:
     """Prefix tuning under PEFT 0.21 and transformers 5: PEFT's `generate` hands the virtual keys and values to the
     model as `past_key_values`, which the model ignores for the `cache` transformers 5 passes, so generation runs
     the base model alone (first-token logits equal the base model's, while PEFT's forward, which the loss uses, is
-    right). Such a model is decoded by `greedy_uncached`, through the forward."""
+    right). Such a model is decoded by `greedy_prefix`."""
     config = getattr(model, "active_peft_config", None)
     return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
 
 
-def greedy_uncached(model, *, input_ids, attention_mask, generation_config) -> torch.Tensor:
-    """Greedy decoding through the model's own forward on the whole sequence at every step (no KV cache), as
-    `generate` returns it: the prompt, then each row's new tokens up to and including a stop token, then padding.
-    Costs a full forward per new token: used only where `generate` cannot be trusted."""
+def greedy_prefix(model, *, input_ids, attention_mask, generation_config, use_cache: bool = True) -> torch.Tensor:
+    """Greedy decoding of a prefix-tuned PEFT model, returned as `generate` returns it: the prompt, then each row's
+    new tokens up to and including a stop token, then padding. The prompt goes through PEFT's forward, which puts
+    the prefix in front of it in the KV cache; each new token then goes through the base model with that cache and
+    an attention mask that keeps the prefix's columns. Positions follow the cache (the prompt's start after the
+    prefix, as in PEFT's forward). `use_cache=False` runs PEFT's forward on the whole sequence at every step: the
+    reference the cached loop is tested against."""
     stops = torch.tensor(generation_config.eos_token_id, device=input_ids.device).reshape(-1)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    prefix = torch.ones(len(input_ids), model.active_peft_config.num_virtual_tokens, dtype=attention_mask.dtype,
+                        device=attention_mask.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=1)
     for _ in range(generation_config.max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
-        token = torch.where(done, generation_config.pad_token_id, logits.argmax(-1))
+        token = torch.where(done, generation_config.pad_token_id, out.logits[:, -1].argmax(-1))
         input_ids = torch.cat([input_ids, token[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, (~done)[:, None].to(attention_mask.dtype)], dim=1)
         done |= torch.isin(token, stops)
         if done.all():
             break
+        if use_cache:
+            mask = torch.cat([prefix, attention_mask], dim=1)  # the cache holds the prefix first
+            out = model.get_base_model()(input_ids=token[:, None], attention_mask=mask,
+                                         cache=out.cache, use_cache=True, logits_to_keep=1)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
     return input_ids
 
 
