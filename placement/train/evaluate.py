@@ -5,6 +5,7 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftType
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
@@ -80,10 +81,10 @@ def generate(model, tokenizer, examples: list, *, batch_size: int = 16, max_new_
                               pad_token_id=data_mod.pad_token_id(tokenizer))
     device = next(model.parameters()).device
     outputs = []
+    decode = functools.partial(greedy_prefix, model) if drops_prefix_in_generate(model) else model.generate
     chunks = range(0, len(examples), batch_size)
     for start in tqdm(chunks, desc="generating", disable=not progress):
         input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, examples[start:start + batch_size])
-        decode = functools.partial(greedy_prefix, model) if drops_prefix_in_generate(model) else model.generate
         new = decode(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                      generation_config=config)[:, input_ids.shape[1]:]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -96,7 +97,7 @@ def drops_prefix_in_generate(model) -> bool:
     the base model alone (first-token logits equal the base model's, while PEFT's forward, which the loss uses, is
     right). Such a model is decoded by `greedy_prefix`."""
     config = getattr(model, "active_peft_config", None)
-    return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
+    return getattr(config, "peft_type", None) == PeftType.PREFIX_TUNING
 
 
 def greedy_prefix(model, *, input_ids, attention_mask, generation_config, use_cache: bool = True) -> torch.Tensor:

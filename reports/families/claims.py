@@ -4,6 +4,7 @@ same questions (from each arm's predictions.csv, scored with the tool's own answ
 
     python reports/families/claims.py
 """
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,20 @@ def locate(run: Path, label: str) -> tuple[Path, str]:
     return (HERE / folder if folder else run), arm
 
 
+@functools.cache
+def comparison(folder: Path) -> pd.DataFrame | None:
+    """A run's comparison.csv indexed by arm, read once; None when the run has not written it."""
+    path = folder / "comparison.csv"
+    return pd.read_csv(path).set_index("arm") if path.is_file() else None
+
+
 def row(run: Path, label: str) -> pd.Series | None:
     """The arm's row of its run's comparison.csv, or None when that run or arm is not there."""
     folder, arm = locate(run, label)
-    if not (folder / "comparison.csv").is_file():
+    table = comparison(folder)
+    if table is None or arm not in table.index or not predictions(run, label).is_file():
         return None
-    table = pd.read_csv(folder / "comparison.csv").set_index("arm")
-    return table.loc[arm] if arm in table.index and predictions(run, label).is_file() else None
+    return table.loc[arm]
 
 
 def predictions(run: Path, label: str) -> Path:
@@ -105,14 +113,14 @@ def seed_correctness(run: Path, label: str) -> np.ndarray:
 def seeds_section(run: Path) -> list[str]:
     """The claims again on the three-seed run: exact match as its mean over seeds with the t interval of
     comparison.csv, and the difference a - b as a paired bootstrap over questions of seed-averaged correctness."""
-    if not (run / "comparison.csv").is_file():
+    table = comparison(run)
+    if table is None:
         return []
-    table = pd.read_csv(run / "comparison.csv").set_index("arm")
 
     def em_seeds(label: str) -> str:
-        r = table.loc[label]
         if label == "base":
             return em(correct(run / "base_predictions.csv"))
+        r = table.loc[label]
         return f"{100 * r['exact_match']:.1f}% [{100 * r['exact_match_lo']:.1f}, {100 * r['exact_match_hi']:.1f}]"
 
     lines = ["## arithmetic, three seeds", "", "Exact match: mean over seeds 0-2 with the t 95% interval over seeds; "
@@ -136,9 +144,9 @@ def main() -> None:
              "with Wilson 95% intervals over the test questions; p: McNemar's exact test on the same questions "
              "(two-sided); a/b right only: questions only that arm answered right.", ""]
     for task, run in RUNS.items():
-        if not (run / "comparison.csv").is_file():
+        table = comparison(run)
+        if table is None:
             continue
-        table = pd.read_csv(run / "comparison.csv").set_index("arm")
         lines += [f"## {task}", "", "| claim | arm a | params | exact match a | arm b | params | exact match b | "
                   "loss a / b | a / b right only | p |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for claim, a, b in CLAIMS:
