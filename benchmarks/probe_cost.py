@@ -56,7 +56,7 @@ import bench_common as bench  # noqa: E402
 import torch  # noqa: E402
 
 from placement.probe import ProbeSettings, probe, token_loss  # noqa: E402
-from placement.sites import candidate_weight_bytes, find_sites, modules_by_name  # noqa: E402
+from placement.model.sites import candidate_weight_bytes, find_sites, modules_by_name  # noqa: E402
 
 ARMS = ("floor", "exact", "fast", "naive", "spectrum", "families")
 MEMORY_ARMS = ("floor", "exact", "fast", "naive", "exact_ckpt")
@@ -216,8 +216,8 @@ def build(target: str, args) -> Workload:
         batches = random_batches(args.batches, args.batch_size, args.max_length, VOCAB_SIZE, args.seed)
         label = f"tiny llama (hidden {args.tiny_hidden}, {args.tiny_layers} layers)"
     else:
-        from placement.models import load
-        from placement.profile import calibration_batches
+        from placement.model.load import load
+        from placement.study.profile import calibration_batches
 
         model, tokenizer, _ = load(args.model, device=args.device, dtype=args.dtype)
         if target == "long":

@@ -65,11 +65,11 @@ import torch  # noqa: E402
 
 from placement import data as data_mod  # noqa: E402
 from placement.measure import PeakMemory  # noqa: E402
-from placement.models import ModelSource  # noqa: E402
+from placement.model.load import ModelSource  # noqa: E402
 from placement.plan import Plan, Strategy  # noqa: E402
 from placement.probe import ProbeSettings  # noqa: E402
-from placement.profile import load_examples, model_block, run_profile  # noqa: E402
-from placement.sites import find_blocks, find_sites, num_layers  # noqa: E402
+from placement.study.profile import load_examples, model_block, run_profile  # noqa: E402
+from placement.model.sites import find_blocks, find_sites, num_layers  # noqa: E402
 from placement.train import TrainSettings, train  # noqa: E402
 
 ARMS = ("ours:dominant", "plain:dominant", "depth-bound:dominant", "ours:all-linear", "plain:all-linear")
@@ -114,7 +114,7 @@ def build(args) -> Workload:
         source = ModelSource(name="tiny-llama", path="tests/tiny.py")
         label = "tiny llama (hidden 64, 4 layers)"
     else:
-        from placement.models import load
+        from placement.model.load import load
 
         model, tokenizer, source = load(args.model, device=args.device, dtype=args.dtype)
         label = args.model

@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from placement.cli import main
 from placement.model.loss import token_loss
 from placement.plan import Plan
-from placement.ranking import concentration, rank
-from placement.sites import find_sites, fingerprint
+from placement.plan.ranking import concentration, rank
+from placement.model.sites import find_sites, fingerprint
 
 
 def invoke(*args):

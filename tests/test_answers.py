@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from placement.answers import (
+from placement.train.answers import (
     KINDS,
     NUMBER_TOLERANCE,
     answer_kind,

@@ -8,8 +8,8 @@ import torch
 from peft import PeftModel
 
 from placement import data as data_mod
-from placement import evaluate as ev
-from placement.compare import TABLE_COLUMNS, Arm, CompareSettings, parse_arms, run_compare
+from placement.train import evaluate as ev
+from placement.study.compare import TABLE_COLUMNS, Arm, CompareSettings, parse_arms, run_compare
 from placement.errors import PlacementError
 from placement.plan import Strategy
 from placement.report import write_comparison
@@ -104,7 +104,7 @@ def test_seeds_give_intervals_and_resume_keeps_finished_arms(make_plan, tmp_path
 
 
 def test_markdown_marks_differences_that_are_not_significant():
-    from placement.compare import formatted_table
+    from placement.study.compare import formatted_table
 
     table = pd.DataFrame([{"arm": "a", "sites": 1, "r": 8, "trainable_params": 10, "params_pct": 1.0, "lr": 1e-3,
                            "lr_at_edge": True, "seeds": 1, "eval_loss": 1.0, "eval_loss_lo": 0.9, "eval_loss_hi": 1.1,
@@ -238,7 +238,7 @@ def test_the_arm_grammar_refuses_what_an_arm_cannot_take(arm, words):
 
 
 def test_budget_arms_spend_a_share_of_all_linear_at_their_rank(make_plan):
-    from placement.compare import arm_plan
+    from placement.study.compare import arm_plan
 
     model = tiny_model("llama")
     base = make_plan(model, Strategy("dominant"))
@@ -251,9 +251,9 @@ def test_budget_arms_spend_a_share_of_all_linear_at_their_rank(make_plan):
 
 
 def test_allocate_arms_spend_their_share_by_the_spectrum(make_plan):
-    from placement.compare import arm_plan
+    from placement.study.compare import arm_plan
     from placement.probe import ProbeSettings, probe
-    from placement.sites import find_sites
+    from placement.model.sites import find_sites
     from conftest import random_batch
 
     model = tiny_model("llama")
@@ -269,7 +269,7 @@ def test_allocate_arms_spend_their_share_by_the_spectrum(make_plan):
 
 
 def test_variant_arms_train_their_variant_and_the_table_says_where_the_ranking_came_from(make_plan, tmp_path):
-    from placement.compare import compare_inputs
+    from placement.study.compare import compare_inputs
 
     model, tokenizer = tiny_model("llama", num_hidden_layers=3).requires_grad_(False), tiny_tokenizer()
     base = make_plan(model, Strategy("dominant"))

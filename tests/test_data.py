@@ -23,7 +23,7 @@ from placement.data import (
     split_examples,
     to_examples,
 )
-from placement.models import MANIFEST, cache_root
+from placement.model.load import MANIFEST, cache_root
 from tiny import tiny_tokenizer
 
 SHARED = "/work/shared/data/llm-adapters"

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from conftest import random_batch
 from placement.probe import ProbeSettings, probe
-from placement.sites import find_sites
+from placement.model.sites import find_sites
 from tiny import tiny_model
 
 BATCHES = 4

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from placement import models
+from placement.model import load as models
 from placement.plan import Plan
 from placement.probe import ProbeSettings
-from placement.profile import run_profile, write_profile
-from placement.sites import find_sites
+from placement.study.profile import run_profile, write_profile
+from placement.model.sites import find_sites
 
 pytestmark = pytest.mark.embedded
 

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from placement import models, outputs
+from placement import outputs
+from placement.model import load as models
 from placement.train import trainer as train_mod
 from placement.errors import PlacementError
 from placement.plan import Plan, Strategy

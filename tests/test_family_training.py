@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 
 from placement import data as data_mod
-from placement.compare import CompareSettings, arm_plan, parse_arms
+from placement.study.compare import CompareSettings, arm_plan, parse_arms
 from placement.errors import PlacementError
 from placement.families import adapters, load
 from placement.model.loss import token_loss

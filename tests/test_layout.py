@@ -83,22 +83,22 @@ def test_the_import_walker_sees_a_backward_import(tmp_path):
 
 
 DOCUMENTED = {
-    "placement.models": ["load", "resolve", "cache_root", "ModelSource", "EMBEDDED_ALIAS"],
-    "placement.sites": ["find_sites", "ROLES", "Site"],
+    "placement.model.load": ["load", "resolve", "cache_root", "ModelSource", "EMBEDDED_ALIAS"],
+    "placement.model.sites": ["find_sites", "ROLES", "Site"],
     "placement.data": ["task_splits", "load_records", "to_examples", "collate", "make_batches"],
-    "placement.scores": ["lora_scale", "expected_factor"],
+    "placement.probe.scores": ["lora_scale", "expected_factor"],
     "placement.probe": ["probe", "ProbeSettings", "token_loss", "Probe", "ProbeResult"],
-    "placement.ranking": ["rank", "concentration", "stability", "agreement_table", "margins", "share_grid"],
+    "placement.plan.ranking": ["rank", "concentration", "stability", "agreement_table", "margins", "share_grid"],
     "placement.plan": ["Plan", "Strategy", "STRATEGIES", "select", "lora_params", "SCHEMA"],
-    "placement.profile": ["run_profile", "write_profile", "load_examples", "calibration_batches", "model_block"],
-    "placement.selectors": ["kappa_targets", "snr_targets", "snr_scores"],
+    "placement.study.profile": ["run_profile", "write_profile", "load_examples", "calibration_batches", "model_block"],
+    "placement.plan.selectors": ["kappa_targets", "snr_targets", "snr_scores"],
     "placement.train": ["TrainSettings", "train", "write_run", "run_metrics", "save_adapter", "apply_plan",
                         "TrainError", "latest_checkpoint"],
-    "placement.answers": ["extract", "exact_match", "answer_kind"],
-    "placement.evaluate": ["evaluate", "mean_loss", "predictions_frame"],
-    "placement.compare": ["run_compare", "CompareSettings", "parse_arms", "Comparison", "Arm", "TABLE_COLUMNS"],
+    "placement.train.answers": ["extract", "exact_match", "answer_kind"],
+    "placement.train.evaluate": ["evaluate", "mean_loss", "predictions_frame"],
+    "placement.study.compare": ["run_compare", "CompareSettings", "parse_arms", "Comparison", "Arm", "TABLE_COLUMNS"],
     "placement.report": ["heatmap", "write_comparison", "convergence_plot", "agreement_matrix"],
-    "placement.report_html": ["write_report", "build", "record_run"],
+    "placement.report.html": ["write_report", "build", "record_run"],
     "placement.measure": ["PeakMemory"],
     "placement.cli": ["main"],
 }
@@ -111,12 +111,11 @@ def test_documented_import_paths_keep_working(module):
     assert not missing, missing
 
 
-def test_an_old_path_is_the_module_itself():
-    # monkeypatching through an old path must reach the code that runs
-    from placement import models
-    from placement.model import load
-
-    assert models is load
+def test_no_alias_modules_at_the_top_of_the_package():
+    # each subpackage is reached by its real path; a stub of the same name would send go-to-definition astray
+    stubs = [p.name for p in PACKAGE.glob("*.py") if p.stem in {"answers", "compare", "evaluate", "models", "profile",
+                                                                 "ranking", "report_html", "scores", "selectors", "sites"}]
+    assert not stubs, stubs
 
 
 def test_figures_know_the_roles_of_the_model_stage():

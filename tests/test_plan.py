@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from placement.errors import PlacementError
 from placement.plan import SCHEMA, STRATEGIES, Plan, Strategy, select
-from placement.sites import find_sites
+from placement.model.sites import find_sites
 from helpers import R, make_plan, ranked_rows
 from tiny import tiny_model
 
@@ -325,7 +325,7 @@ def test_allocate_beats_uniform_ranks_on_captured_energy():
 
 def test_an_allocated_plan_trains_exactly_its_stated_parameters(tmp_path):
     from placement.probe import ProbeSettings
-    from placement.profile import run_profile
+    from placement.study.profile import run_profile
     from placement.train import apply_plan
     from tiny import tiny_tokenizer
 

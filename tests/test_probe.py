@@ -8,9 +8,9 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import random_batch
 from helpers import peft_lora_b_energy
-from placement import scores
+from placement.probe import scores
 from placement.probe import ProbeSettings, probe, token_loss
-from placement.sites import find_sites
+from placement.model.sites import find_sites
 from tiny import FAMILIES, tiny_model
 
 

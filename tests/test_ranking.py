@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from placement.ranking import concentration, margins, rank, share_grid
-from placement.sites import ROLES
+from placement.plan.ranking import concentration, margins, rank, share_grid
+from placement.model.sites import ROLES
 
 LLAMA_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -150,7 +150,7 @@ def test_share_grid():
 
 
 def test_bootstrap_intervals_and_top_probability():
-    from placement.ranking import bootstrap
+    from placement.plan.ranking import bootstrap
 
     rng = np.random.default_rng(0)
     # site a dominates every batch; b and c trade places from batch to batch; d is always last
@@ -163,7 +163,7 @@ def test_bootstrap_intervals_and_top_probability():
 
 
 def test_convergence_finds_when_the_top_site_settles():
-    from placement.ranking import convergence, stability, top_stable_after
+    from placement.plan.ranking import convergence, stability, top_stable_after
 
     # batch 1 favours b; from batch 2 on the running mean favours a for good
     scores = np.array([[1.0, 5.0, 0.0], [9.0, 1.0, 0.0], [9.0, 1.0, 0.0], [9.0, 1.0, 0.0]])

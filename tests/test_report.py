@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from placement.errors import PlacementError
-from placement.report_html import build, record_run, write_report
+from placement.report.html import build, record_run, write_report
 
 HOSTILE = '<script>window.injected = 1</script><img src=x onerror="window.injected=2">'
 

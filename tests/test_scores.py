@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from placement import scores
+from placement.probe import scores
 
 
 def _padded(batch, length, d, seed):

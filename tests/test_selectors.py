@@ -5,8 +5,8 @@ import torch
 from peft.helpers import find_kappa_target_modules
 
 from placement.errors import PlacementError
-from placement.selectors import kappa_targets, snr_scores, snr_targets
-from placement.sites import ROLES, find_sites, modules_by_name
+from placement.plan.selectors import kappa_targets, snr_scores, snr_targets
+from placement.model.sites import ROLES, find_sites, modules_by_name
 from tiny import tiny_model
 
 

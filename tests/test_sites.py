@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from placement.errors import PlacementError
-from placement.sites import Site, find_blocks, find_sites, fingerprint, num_layers, role_of
+from placement.model.sites import Site, find_blocks, find_sites, fingerprint, num_layers, role_of
 from tiny import FAMILIES, tiny_model
 
 LLAMA_LIKE = {
