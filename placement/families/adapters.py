@@ -8,25 +8,36 @@ inserted in place and save as our own files that `placement.families.load` reads
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from . import bottleneck
+from .base import FAMILIES, Own
 
-OURS = (bottleneck.BottleneckConfig,)
+
+def own_of(model_or_config) -> Own | None:
+    """The family of ours whose adapter is on this model (or whose config this is), or None: PEFT's."""
+    for family in FAMILIES.values():
+        own = family.own
+        if own is not None and (isinstance(model_or_config, own.config_type) or (
+                not isinstance(model_or_config, type) and hasattr(model_or_config, "modules")
+                and own.holds(model_or_config))):
+            return own
+    return None
 
 
 def is_ours(model_or_config) -> bool:
-    return isinstance(model_or_config, OURS) or hasattr(model_or_config, bottleneck.CONFIG_ATTRIBUTE)
+    return own_of(model_or_config) is not None
 
 
 def attach(model, config, seed: int = 0):
     """The model with the adapter of `config` on it, every base weight frozen; the adapter's random draws are fixed
     by `seed`. PEFT's methods return a PeftModel, ours the model itself, changed in place."""
-    if isinstance(config, OURS):
-        return bottleneck.apply(model, config, seed)
+    own = own_of(config)
+    if own is not None:
+        return own.attach(model, config, seed)
     from peft import get_peft_model
 
     torch.manual_seed(seed)
@@ -40,8 +51,9 @@ def base_of(model):
 
 def tensors(model) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors by name, as its saved file holds them."""
-    if is_ours(model):
-        return bottleneck.adapter_state(model)
+    own = own_of(model)
+    if own is not None:
+        return own.tensors(model)
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
@@ -49,8 +61,9 @@ def tensors(model) -> dict[str, torch.Tensor]:
 
 def load_tensors(model, state: dict[str, torch.Tensor]) -> None:
     """Restore what `tensors` returned (a checkpoint's adapter)."""
-    if is_ours(model):
-        bottleneck.load_state(model, state)
+    own = own_of(model)
+    if own is not None:
+        own.load_tensors(model, state)
         return
     from peft import set_peft_model_state_dict
 
@@ -58,13 +71,30 @@ def load_tensors(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_ours(model, folder: str | Path) -> None:
-    bottleneck.save(model, getattr(model, bottleneck.CONFIG_ATTRIBUTE), folder)
+    own_of(model).save(model, folder)
+
+
+def load(model, folder: str | Path):
+    """A saved adapter of ours back on its base model: the family is the one whose schema its config names."""
+    from ..errors import PlacementError
+
+    path = Path(folder) / "adapter_config.json"
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
+    except (OSError, ValueError, AttributeError) as err:
+        raise PlacementError(f"{folder} holds no readable adapter_config.json: pass a saved adapter folder") from err
+    own = next((f.own for f in FAMILIES.values() if f.own is not None and f.own.schema == schema), None)
+    if own is None:
+        raise PlacementError(f"{folder} is not an adapter of ours (schema {schema!r}); a PEFT adapter loads with "
+                             "PeftModel.from_pretrained")
+    return own.load(model, folder)
 
 
 def mergeable(config) -> bool:
     """Whether the adapter folds into the base weights (`--merge`): LoRA and IA3 do; virtual tokens, gates and
     bottleneck MLPs do not."""
-    return getattr(config, "peft_type", None) in ("LORA", "IA3")
+    name = str(getattr(config, "peft_type", "")).split(".")[-1].lower()
+    return any(f.mergeable and f.name == name for f in FAMILIES.values())
 
 
 @contextlib.contextmanager

@@ -28,12 +28,11 @@ from torch import nn
 
 from ..errors import PlacementError
 from ..model.sites import Site, find_sites
-from .base import Family, register
+from .base import Candidate, Family, Own, Size, register
 
 SCHEMA = "placement-bottleneck/1"
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 PLACEMENTS = {"series": ("down", "o"), "parallel": ("up", "down")}
-FAMILY_PLACEMENTS = {"series-bn": "series", "parallel-bn": "parallel"}  # family name -> placement
 CONFIG_ATTRIBUTE = "bottleneck_config"  # the model holds the config its adapters were made from, as PEFT's does
 DEFAULT_REDUCTION = 16
 
@@ -124,6 +123,8 @@ def reduced_params(site: dict, reduction_factor: int | None, placement: str) -> 
 def apply(model: nn.Module, config: BottleneckConfig, seed: int = 0) -> nn.Module:
     """Insert the adapters in place; the base is frozen, the adapters train. Returns the model."""
     config.check()
+    if holds(model):  # a second set would stack on the first and train both
+        raise PlacementError("this model already has bottleneck adapters: apply the plan to a fresh base model")
     modules = dict(model.named_modules())
     missing = [t for t in config.targets if t not in modules]
     if missing:
@@ -140,6 +141,10 @@ def apply(model: nn.Module, config: BottleneckConfig, seed: int = 0) -> nn.Modul
         setattr(model.get_submodule(parent) if parent else model, leaf, Adapted(base, adapter, config.placement))
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
+
+
+def holds(model: nn.Module) -> bool:
+    return hasattr(model, CONFIG_ATTRIBUTE) or any(isinstance(m, Adapted) for m in model.modules())
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -209,16 +214,36 @@ def draw_down(d_read: int, width: int, seed: int) -> tuple[torch.Tensor, torch.T
     return weight, bias
 
 
+def candidate(placement: str, site: Site, module: nn.Module, options) -> Candidate:
+    """The site as the shared pass scores it, with its own draw of D (the seed's and the site's)."""
+    d_read = _width_of(site, placement)
+    width = options.width or max(d_read // options.width_factor, 1)
+    device = next(module.parameters()).device
+    down = tuple(t.to(device) for t in draw_down(d_read, width, site_seed(options.seed, site.name)))
+    params = bottleneck_params(site.to_dict(), width, placement)
+    return Candidate(params, lambda x, y, grad: bottleneck_gradient(y if placement == "series" else x, grad, *down,
+                                                                    options.activation, options.scale))
+
+
+OWN = Own(config_type=BottleneckConfig, schema=SCHEMA, attach=apply, holds=holds, tensors=adapter_state,
+          load_tensors=load_state, save=lambda model, folder: save(model, getattr(model, CONFIG_ATTRIBUTE), folder),
+          load=load)
+
+
 def _family(placement: str, help: str) -> Family:
     return register(Family(
-        name=f"{placement}-bn", help=help,
-        find_sites=lambda model: bottleneck_sites(model, placement),
+        name=f"{placement}-bn", help=help, score="||grad U||^2",
+        roles=PLACEMENTS[placement], find_sites=lambda model: bottleneck_sites(model, placement),
         params=lambda site, reduction_factor: reduced_params(site, reduction_factor, placement),
         config=lambda kwargs: BottleneckConfig(**(kwargs | {"placement": placement})),
+        kwargs=lambda plan, model=None: {"targets": list(plan.targets), "reduction_factor": (
+            plan.family_args or {}).get("reduction_factor", DEFAULT_REDUCTION)},
+        size=Size("rf", "reduction factor", "a bottleneck reduction factor, e.g. series-bn:rf16", DEFAULT_REDUCTION,
+                  "reduction_factor"),
+        candidate=lambda site, module, options: candidate(placement, site, module, options),
+        own=OWN,
     ))
 
 
-SERIES = _family("series", "series bottleneck after the FFN and attention outputs (ours, Houlsby/Pfeiffer); "
-                           "score: ||grad U||^2")
-PARALLEL = _family("parallel", "parallel bottleneck beside the FFN's up and down projections (ours, He et al.); "
-                               "score: ||grad U||^2")
+SERIES = _family("series", "series bottleneck after the FFN and attention outputs (ours, Houlsby/Pfeiffer)")
+PARALLEL = _family("parallel", "parallel bottleneck beside the FFN's up and down projections (ours, He et al.)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model.sites import Site, find_sites
-from .base import Family, register
+from .base import Candidate, Family, register
 
 OUTPUT_ROLES = ("k", "v", "qkv")
 INPUT_ROLES = ("down",)
@@ -38,6 +38,13 @@ def ia3_kwargs(rows: list[dict]) -> dict:
             "feedforward_modules": [row["site"] for row in rows if feedforward(row)]}
 
 
+def plan_kwargs(plan, model=None) -> dict:
+    by_name = {row["site"]: row for row in plan.sites}
+    if model is not None and not set(plan.targets) <= set(by_name):
+        by_name |= {s.name: s.to_row() for s in ia3_sites(model)}
+    return ia3_kwargs([by_name[t] for t in plan.targets])
+
+
 def ia3_config(kwargs: dict):
     from peft import IA3Config
 
@@ -53,10 +60,24 @@ def ia3_gradient(x: torch.Tensor, y: torch.Tensor, d_out: torch.Tensor, d_in: to
     return (a.to(dtype) * b.to(dtype)).reshape(-1, a.shape[-1]).sum(dim=0)
 
 
+def candidate(site: Site, module, options) -> Candidate:
+    """The site as the shared pass scores it: l's first gradient from the output's gradient, or (the FFN's down
+    projection) from the input's."""
+    if feedforward(site):
+        return Candidate(site.d_in, lambda x, y, grad: ia3_gradient(x, y, None, grad, input_scaling=True), "input")
+    return Candidate(site.d_out, lambda x, y, grad: ia3_gradient(x, y, grad, None, input_scaling=False))
+
+
 IA3 = register(Family(
     name="ia3",
-    help="learned scaling of k, v and the FFN's down input (PEFT IA3Config); score: ||grad l||^2 at l = 1",
+    help="learned scaling of k, v and the FFN's down input (PEFT IA3Config)",
+    score="||grad l||^2 at l = 1",
+    roles=OUTPUT_ROLES + INPUT_ROLES,
     find_sites=ia3_sites,
     params=ia3_params,
     config=ia3_config,
+    kwargs=plan_kwargs,
+    candidate=candidate,
+    mergeable=True,
+    formats=("plan", "peft"),
 ))

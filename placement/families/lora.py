@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import PlacementError
 from ..model.sites import find_sites
-from .base import Family, register
+from .base import Family, Size, register
 
 
 def lora_params(site: dict, r: int, dora: bool = False) -> int:
@@ -63,6 +63,21 @@ MUTATES_BASE = {"pissa", "olora"}
 INIT_DIFFERS = {"pissa", "olora", "dora"}
 
 
+# init_lora_weights values a plan may carry: what PEFT draws from the weights alone. EVA, CorDA and LoftQ need data
+# or a config of their own that this tool never passes, so PEFT would fail or fall back mid-run.
+INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal")
+
+
+def init_problem(value) -> str | None:
+    """Why a plan's `init_lora_weights` cannot be trained here, or None."""
+    if value in INITS and (isinstance(value, str) or isinstance(value, bool)):
+        return None
+    if isinstance(value, str) and value.startswith("pissa_niter_") and value[12:].isdigit():
+        return None
+    shown = ", ".join(str(v) for v in INITS)
+    return f"init_lora_weights {value!r} is not one this tool trains (it takes {shown} or pissa_niter_N)"
+
+
 def check_variant(name: str) -> str:
     if name not in VARIANTS:
         raise PlacementError(f"unknown LoRA variant '{name}': choose one of {', '.join(VARIANTS)}")
@@ -86,8 +101,13 @@ def variant_of(peft: dict) -> str:
 
 LORA = register(Family(
     name="lora",
-    help="low-rank update s * B A x beside a linear site (PEFT LoraConfig); score: PAGE",
+    help="low-rank update s * B A x beside every linear site (PEFT LoraConfig)",
+    score="PAGE",
     find_sites=find_sites,
     params=lora_params,
     config=lora_config,
+    kwargs=lambda plan, model=None: dict(plan.peft),
+    size=Size("r", "rank", "a LoRA rank, e.g. dominant:r64"),
+    mergeable=True,
+    formats=("plan", "peft", "axolotl", "llama-factory", "spectrum", "spectrum-unfrozen"),
 ))

@@ -1,67 +1,63 @@
-"""The families that add virtual tokens, through PEFT: prompt tuning (trained embeddings before the input: one site),
-prefix tuning (trained keys and values in every layer: a site per layer) and LLaMA-Adapter (`AdaptionPromptConfig`:
-prompts in the top layers behind a gate that starts at 0: a site per layer).
+"""What the virtual-token families share (prompt tuning, prefix tuning, LLaMA-Adapter; one module each): PEFT's
+config for a plan, the modules they reach, and the site rows a plan counts their parameters from.
 
-They change the forward (or, for LLaMA-Adapter, hold a gate at 0), so their init-gradient scores come from PEFT's
-own model, one pass each: the energy of the first gradient of the virtual tokens (per layer's slice for prefix
-tuning), and of each layer's gate for LLaMA-Adapter (while a gate is 0 its prompt's gradient is exactly 0).
-They have no linear sites, so they are not in the registry of module families; `profile --families` takes them,
-and a plan names the modules they reach instead: the input embedding (prompt), the blocks (prefix, LLaMA-Adapter's
-top layers).
+They change the forward (or, for LLaMA-Adapter, hold a gate at 0), so their init-gradient scores come from PEFT's own
+model, one pass each (`placement.probe.prompts`); each family says which part of the first gradient belongs to
+which of its sites. They have no linear sites: a plan names the modules they reach instead (the input embedding for
+prompt tuning, the blocks for prefix tuning and LLaMA-Adapter's top layers), and a site row there carries the width
+one virtual token trains as `d_out`.
 """
 from __future__ import annotations
 
 from ..errors import PlacementError
+from ..model.sites import Site, find_blocks
+from .base import Size, family_names
 
-PROMPT_FAMILIES = ("prompt", "prefix", "llama-adapter")
 DEFAULT_LENGTH = 10
-# Model types PEFT's adaption prompt accepts under our transformers (others raise in get_peft_model)
-LLAMA_ADAPTER_TYPES = ("llama", "mistral", "gpt2")
+TASK = "CAUSAL_LM"
+LENGTH = Size("len", "length", "a number of virtual tokens, e.g. prefix:len10", DEFAULT_LENGTH, "num_virtual_tokens")
+FORMATS = ("plan", "peft")  # PEFT saves these configs; axolotl, LLaMA-Factory and Spectrum train none of them
 
 
-def prompt_config(family: str, length: int, num_layers: int, model_type: str):
-    """PEFT's config for a prompt family at `length` virtual tokens (LLaMA-Adapter on every layer, to score each)."""
-    from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig
-
-    if length < 1:
-        raise PlacementError(f"a {family} length of {length} adds no virtual token: pass 1 or more")
-    if family == "prompt":
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length)
-    if family == "prefix":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length)
-    if model_type not in LLAMA_ADAPTER_TYPES:
-        raise PlacementError(f"PEFT's LLaMA-Adapter does not support {model_type} models (it takes "
-                             f"{', '.join(LLAMA_ADAPTER_TYPES)}): drop llama-adapter from --families")
-    return AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=length, adapter_layers=num_layers)
+def __getattr__(name):  # the virtual-token families, as registered when asked (a family may register late)
+    if name == "PROMPT_FAMILIES":
+        return family_names("virtual")
+    raise AttributeError(name)
 
 
-def prompt_targets(model, family: str, layers: int | None = None) -> list[str]:
-    """The modules a prompt family reaches, as a plan names them: the input embedding (prompt tuning), every block
-    (prefix tuning) or the top `layers` blocks (LLaMA-Adapter; all of them when None)."""
-    from ..model.sites import find_blocks
+def text_config(model_config):
+    return getattr(model_config, "text_config", None) or model_config
 
-    if family == "prompt":
-        embedding = model.get_input_embeddings()
-        return [next(name for name, module in model.named_modules() if module is embedding)]
+
+def hidden_of(model_config) -> int:
+    config = text_config(model_config)
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+
+
+def block_sites(model, role: str, width: int) -> list[Site]:
+    """One row per block, as a plan names the blocks a family reaches; `width` is what one virtual token trains."""
     prefix, blocks = find_blocks(model)
-    count = len(blocks) if layers is None else layers
-    if not 1 <= count <= len(blocks):
-        raise PlacementError(f"{family} on {count} layers: this model has {len(blocks)}; pass 1 to {len(blocks)}")
-    if family == "prefix" and count != len(blocks):
-        raise PlacementError("prefix tuning adds keys and values to every layer: it takes no layer count")
-    return [f"{prefix}.{i}" for i in range(len(blocks) - count, len(blocks))]
+    hidden = hidden_of(model.config)
+    return [Site(f"{prefix}.{i}", i, role, hidden, width, kind="block") for i in range(len(blocks))]
 
 
-def prompt_params(config, family: str, length: int, layers: int) -> int:
-    """Trainable parameters PEFT gives a prompt family on a model with this `config`: prompt tuning trains
-    length x hidden embeddings; prefix tuning length keys and values per layer, as wide as the key/value heads (PEFT
-    narrows them for grouped-query attention); LLaMA-Adapter a length x hidden prompt and a gate per adapted layer."""
-    config = getattr(config, "text_config", None) or config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    if family == "prompt":
-        return length * hidden
-    if family == "prefix":
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return length * layers * 2 * (hidden // heads * kv_heads)
-    return layers * (length * hidden + 1)
+def length_of(plan) -> int:
+    length = (plan.family_args or {}).get(LENGTH.arg, DEFAULT_LENGTH)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise PlacementError(f"a {plan.family} length of {length} adds no virtual token: pass 1 or more")
+    return length
+
+
+def tokens_params(site: dict, length: int | None) -> int:
+    """Trainable parameters of `length` virtual tokens at a site row: one `d_out`-wide vector each."""
+    return (length or DEFAULT_LENGTH) * int(site["d_out"])
+
+
+def virtual_kwargs(plan, model=None) -> dict:
+    """PromptTuningConfig and PrefixTuningConfig arguments for a plan."""
+    return {"task_type": TASK, "num_virtual_tokens": length_of(plan)}
+
+
+def embedding_grad(peft_model):
+    """The first gradient of PEFT's virtual-token table (prompt and prefix tuning keep one)."""
+    return peft_model.prompt_encoder["default"].embedding.weight.grad

@@ -12,16 +12,13 @@ from .strategies import Strategy, allocate_strategy, read_spectrum
 
 
 def plan_from_source(source: str | Path, rank: int | None = None) -> Plan:
-    """The plan of a profile's folder, its scores.csv or a plan file; `rank` sets another r (alpha as it is)."""
+    """The plan of a profile's folder, its scores.csv or a plan file; `rank` sets another r as `train --r` does
+    (alpha / r kept, the parameters counted again)."""
     path = Path(source)
     if not path.exists():
         raise PlacementError(f"{source} not found: pass the --out folder of placement profile or a plan file")
     plan = Plan.load(path.parent / "plan.json" if path.suffix == ".csv" else path)
-    if rank is not None:
-        if rank < 1:
-            raise PlacementError(f"--r {rank} is not a LoRA rank: pass a positive integer")
-        plan.peft = dict(plan.peft, r=rank)
-    return plan
+    return plan.with_rank(rank)
 
 
 def replan(source: str | Path, base: Plan, strategy: Strategy | None) -> Plan:
@@ -44,11 +41,18 @@ def export(plan: Plan, out: str | None, peft_config: str | None, overwrite: bool
     if peft_config:
         write_new_file(Path(peft_config) / "adapter_config.json", peft_config_json(plan), overwrite)
     ranked = plan.targets_by_rank()
-    summary = {"strategy": plan.label, "targets": ranked, "trainable_params": plan.trainable_params,
-               "variant": plan.variant, "format": fmt, "out": out, "peft_config": peft_config}
+    summary = {"strategy": plan.label, "family": plan.family, "targets": ranked,
+               "trainable_params": plan.trainable_params, "variant": plan.variant, "format": fmt, "out": out, "peft_config": peft_config}
     return summary, [
         f"strategy   {plan.label}",
         f"targets    {len(ranked)} by rank: {', '.join(ranked[:6])}" + (" ..." if len(ranked) > 6 else ""),
-        f"trainable  {plan.trainable_params:,} LoRA parameters at r={plan.peft['r']}"
-        + ("" if plan.variant == "lora" else f" ({plan.variant})"),
+        _trainable(plan),
     ] + [f"wrote      {path}" + (f" ({fmt})" if path == out and fmt != "plan" else "") for path in (out, peft_config and f"{peft_config}/adapter_config.json") if path]
+
+
+def _trainable(plan: Plan) -> str:
+    if plan.family != "lora":
+        sizes = ", ".join(f"{k} {v}" for k, v in (plan.family_args or {}).items())
+        return f"trainable  {plan.trainable_params:,} {plan.family} parameters" + (f" ({sizes})" if sizes else "")
+    return (f"trainable  {plan.trainable_params:,} LoRA parameters at r={plan.peft['r']}"
+            + ("" if plan.variant == "lora" else f" ({plan.variant})"))

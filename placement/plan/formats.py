@@ -2,8 +2,9 @@
 LLaMA-Factory config fragment, and Spectrum's per-module score file and unfrozen-parameter list.
 
 Each format is one function from a plan to the file's text, registered in FORMATS; a plan a format cannot express
-(per-site ranks where the tool has one rank, a fractional alpha where it takes an integer, a variant it lacks) is
-refused in one line rather than written so that the tool would silently train something else. The keys are those
+(another family than the tool trains, per-site ranks where the tool has one rank, a fractional alpha where it takes
+an integer, a variant it lacks) is refused in one line rather than written so that the tool would silently train
+something else. Which formats can say a family's plan is the family's own word (`Family.formats`). The keys are those
 of the tools' own sources: axolotl's `LoraConfig` schema (src/axolotl/utils/schemas/peft.py) and adapter builder,
 LLaMA-Factory's `LoraArguments` (src/llamafactory/hparams/finetuning_args.py), Spectrum's `save_snr_to_json` and
 `generate_unfrozen_params_yaml` (spectrum.py).
@@ -19,6 +20,7 @@ from typing import Callable
 import yaml
 
 from ..errors import PlacementError
+from ..families import get_family
 from ..outputs import finite, json_text
 from .plan import Plan
 
@@ -28,6 +30,16 @@ class Format:
     name: str
     help: str
     write: Callable[[Plan], str]
+    trains: str = ""  # what the tool trains, said when it cannot train a plan's family
+
+
+def expressible(plan: Plan, name: str) -> None:
+    """Refuse, in one line, a plan whose family the format's tool cannot train."""
+    family = get_family(plan.family)
+    if name not in family.formats:
+        why = FORMATS[name].trains or f"it has no {plan.family} adapter"
+        raise PlacementError(f"--format {name} cannot say a {plan.family} plan ({why}): use --format "
+                             f"{' or '.join(family.formats)}")
 
 
 def _integer_alpha(plan: Plan, tool: str) -> int:
@@ -38,32 +50,41 @@ def _integer_alpha(plan: Plan, tool: str) -> int:
     return int(alpha)
 
 
+AXOLOTL_PATTERNS = "0.18"  # the first axolotl release with lora_rank_pattern and lora_alpha_pattern
+
+
 def _one_rank(plan: Plan, tool: str) -> None:
     if plan.peft.get("rank_pattern"):
         raise PlacementError(f"this plan gives its sites different ranks, which {tool} cannot express (one rank for "
                              "every target): use --format peft, or a strategy with one rank")
 
 
-def _header(plan: Plan, tool: str) -> str:
+def _header(plan: Plan, tool: str, needs: str = "") -> str:
     return (f"# placement plan for {tool}: {plan.label}, {len(plan.targets)} site(s), {plan.trainable_params:,} "
-            f"trainable parameters, model {plan.model.get('name', '?')}\n")
+            f"trainable parameters, model {plan.model.get('name', '?')}\n" + (f"# {needs}\n" if needs else ""))
 
 
-def _yaml(plan: Plan, tool: str, config: dict) -> str:
-    return _header(plan, tool) + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+def _yaml(plan: Plan, tool: str, config: dict, needs: str = "") -> str:
+    return _header(plan, tool, needs) + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 
 def axolotl(plan: Plan) -> str:
-    """The adapter keys of an axolotl config: exact module names, so PEFT adapts exactly the plan's sites."""
-    _one_rank(plan, "axolotl")
+    """The adapter keys of an axolotl config: exact module names, so PEFT adapts exactly the plan's sites, and
+    `lora_target_linear: false` so that a base config that sets it does not widen the plan to every linear layer.
+    Per-site ranks go to `lora_rank_pattern` and `lora_alpha_pattern`, which need axolotl 0.18 or later."""
     config = {"adapter": "lora", "lora_r": int(plan.peft["r"]), "lora_alpha": _integer_alpha(plan, "axolotl"),
               "lora_dropout": float(plan.peft.get("lora_dropout", 0.0)),
-              "lora_target_modules": plan.targets_by_rank()}
+              "lora_target_modules": plan.targets_by_rank(), "lora_target_linear": False}
+    needs = ""
+    if plan.peft.get("rank_pattern"):
+        config["lora_rank_pattern"] = {t: int(v) for t, v in plan.peft["rank_pattern"].items()}
+        config["lora_alpha_pattern"] = dict(plan.peft.get("alpha_pattern") or {})
+        needs = f"per-site ranks (lora_rank_pattern, lora_alpha_pattern): needs axolotl {AXOLOTL_PATTERNS} or later"
     switches = {"use_dora": "peft_use_dora", "use_rslora": "peft_use_rslora"}
     config.update({key: True for flag, key in switches.items() if plan.peft.get(flag)})
     if plan.peft.get("init_lora_weights", True) is not True:
         config["peft_init_lora_weights"] = plan.peft["init_lora_weights"]
-    return _yaml(plan, "axolotl", config)
+    return _yaml(plan, "axolotl", config, needs)
 
 
 def llama_factory(plan: Plan) -> str:
@@ -77,8 +98,8 @@ def llama_factory(plan: Plan) -> str:
               "lora_dropout": float(plan.peft.get("lora_dropout", 0.0)),
               "lora_target": ",".join(plan.targets_by_rank())}
     config.update({flag: True for flag in ("use_dora", "use_rslora") if plan.peft.get(flag)})
-    if init == "pissa":
-        config["pissa_init"] = True
+    if init == "pissa":  # pissa_iter -1: PEFT's exact SVD, as the plan's `pissa` (alone: the approximate niter_16)
+        config.update(pissa_init=True, pissa_iter=-1)
     return _yaml(plan, "LLaMA-Factory", config)
 
 
@@ -126,9 +147,11 @@ def adapter_config_text(config: dict, model_name: str | None) -> str:
 
 
 def peft_config_json(plan: Plan) -> str:
-    """PEFT's own adapter_config.json for a plan, naming the model as the user gave it."""
+    """PEFT's own adapter_config.json for a plan (of LoRA or another of PEFT's methods), naming the model as the user
+    gave it."""
+    expressible(plan, "peft")
     with tempfile.TemporaryDirectory() as tmp:
-        plan.lora_config().save_pretrained(tmp)
+        plan.adapter_config().save_pretrained(tmp)
         config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
     return adapter_config_text(config, plan.model.get("name"))
 
@@ -143,16 +166,21 @@ def _peft(plan: Plan) -> str:
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("plan", "our plan JSON, which train --plan reads", _plan_json),
-    Format("peft", "PEFT's adapter_config.json (LoraConfig.from_pretrained reads it)", _peft),
-    Format("axolotl", "the adapter keys of an axolotl YAML config", axolotl),
-    Format("llama-factory", "the LoRA keys of a LLaMA-Factory YAML config", llama_factory),
-    Format("spectrum", "Spectrum's per-module score JSON, our score in place of the SNR", spectrum),
+    Format("peft", "PEFT's adapter_config.json (PeftConfig.from_pretrained reads it)", _peft,
+           "PEFT has no such method: the adapter is ours, saved by placement train and loaded by "
+           "placement.families.load"),
+    Format("axolotl", "the adapter keys of an axolotl YAML config", axolotl, "axolotl trains LoRA and QLoRA adapters"),
+    Format("llama-factory", "the LoRA keys of a LLaMA-Factory YAML config", llama_factory,
+           "LLaMA-Factory's adapter is LoRA"),
+    Format("spectrum", "Spectrum's per-module score JSON, our score in place of the SNR", spectrum,
+           "Spectrum fine-tunes whole linear modules, and the file would carry LoRA's scores"),
     Format("spectrum-unfrozen", "Spectrum's unfrozen_parameters YAML: full fine-tuning of the sites, not LoRA",
-           spectrum_unfrozen),
+           spectrum_unfrozen, "Spectrum unfreezes whole linear modules for full fine-tuning"),
 )}
 
 
 def render(plan: Plan, name: str) -> str:
     if name not in FORMATS:
         raise PlacementError(f"unknown --format '{name}': choose one of {', '.join(FORMATS)}")
+    expressible(plan, name)
     return FORMATS[name].write(plan)

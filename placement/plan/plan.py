@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import PlacementError
-from ..families.lora import lora_config, lora_params, variant_of, with_variant
+from ..families import get_family
+from ..families.lora import init_problem, lora_config, lora_params, variant_of, with_variant
 from ..model.sites import find_sites, fingerprint
 from ..outputs import finite, write_json
 from .strategies import Strategy, select
@@ -59,10 +60,11 @@ class Plan:
 
     def with_strategy(self, strategy: Strategy, rank_pattern: dict | None = None, r: int | None = None) -> "Plan":
         """The same probe and ranking, another choice of sites; `r` changes the rank and keeps alpha / r."""
+        _lora_only(self, "a strategy", "--strategy picks LoRA sites")
         base = {k: v for k, v in self.peft.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")}
         if r is not None and r != base["r"]:
-            if r < 1:
-                raise PlacementError(f"rank {r} is not a LoRA rank: pass a positive integer")
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise PlacementError(f"rank {r!r} is not a LoRA rank: pass a positive integer")
             alpha = base["lora_alpha"] * r / base["r"]
             base.update(r=r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha)
         return Plan.build(model=self.model, probe=self.probe, sites=self.sites, strategy=strategy, peft=base,
@@ -82,7 +84,7 @@ class Plan:
         the plan's PEFT arguments so the adapter and every export carry it (itself when `variant` is None)."""
         if variant is None:
             return self
-        _lora_only(self, "a variant")
+        _lora_only(self, "a variant", "drop --variant")
         peft = with_variant(self.peft, variant)
         return replace(self, peft=peft, trainable_params=_count(self.sites, self.targets, peft))
 
@@ -92,9 +94,12 @@ class Plan:
 
     def with_rank(self, r: int | None) -> "Plan":
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
-        if r is None:
+        if r is None or (r == self.peft.get("r") and self.family == "lora"):
             return self
-        _lora_only(self, "a rank")
+        _lora_only(self, "a rank", "drop --r")
+        if self.peft.get("rank_pattern"):  # one r would replace the per-site ranks the plan was made with
+            raise PlacementError("this plan gives each site its own rank, which --r would replace: make the plan "
+                                 "again at another budget (allocate-P%), or drop --r")
         return self.with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
 
     @property
@@ -145,58 +150,58 @@ class Plan:
 
 
 def adapter_config(plan: Plan, model=None):
-    """The config that applies the plan: PEFT's for LoRA, IA3 and the prompt families, ours for bottlenecks (the
-    model's type, for LLaMA-Adapter, from the plan or else from `model`)."""
-    from ..families import bottleneck, ia3, prompts
-
-    args = plan.family_args or {}
-    if plan.family == "lora":
-        return plan.lora_config()
-    if plan.family == "ia3":
-        by_name = {row["site"]: row for row in plan.sites}
-        return ia3.ia3_config(ia3.ia3_kwargs([by_name[t] for t in plan.targets]))
-    if plan.family in bottleneck.FAMILY_PLACEMENTS:
-        return bottleneck.BottleneckConfig(targets=list(plan.targets), placement=bottleneck.FAMILY_PLACEMENTS[plan.family],
-                                           reduction_factor=args.get("reduction_factor", bottleneck.DEFAULT_REDUCTION))
-    if plan.family in prompts.PROMPT_FAMILIES:
-        model_type = plan.model.get("model_type") or getattr(getattr(model, "config", None), "model_type", "")
-        return prompts.prompt_config(plan.family, args["num_virtual_tokens"], len(plan.targets), model_type)
-    raise PlacementError(f"plans of the {plan.family} family are not trained by this version")
+    """The config that applies the plan, as its family makes it (PEFT's, or ours); `model` fills in what the plan
+    does not record."""
+    family = get_family(plan.family)
+    return family.config(family.kwargs(plan, model))
 
 
-def _lora_only(plan: Plan, what: str) -> None:
+def _lora_only(plan: Plan, what: str, hint: str) -> None:
     if plan.family != "lora":
-        raise PlacementError(f"this plan trains {plan.family}, not LoRA, so {what} means nothing to it: drop "
-                             "--r and --variant, or compare the family's sizes as arms (:rfN, :lenN)")
+        raise PlacementError(f"this plan trains {plan.family}, not LoRA, so {what} means nothing to it: {hint}, or "
+                             "compare the family's sizes and site counts as arms (ia3-4, series-bn:rf8, prefix:len20)")
 
 
-def with_family(plan: Plan, family: str, size: int | None = None) -> Plan:
-    """The same sites with another module family (IA3, a bottleneck at reduction factor `size`), its trainable
-    parameters counted."""
-    if family == "lora":
+def family_rows(plan: Plan, family, model=None) -> list[dict]:
+    """Site rows of a family's candidates: the plan's own (they are LoRA's sites, which a module family's are among),
+    or the model's (the modules a virtual-token family reaches)."""
+    if model is None:
+        return plan.sites
+    return [s.to_row() for s in family.find_sites(model)]
+
+
+def with_family(plan: Plan, name: str, size: int | None = None, model=None) -> Plan:
+    """The same sites with another family (IA3, a bottleneck at reduction factor `size`), its trainable parameters
+    counted at `size` (the family's default when None)."""
+    if name == "lora":
         return plan
-    from ..families import get_family
-
-    params = get_family(family).params
-    by_name = {row["site"]: row for row in plan.sites}
-    args = {"reduction_factor": size} if size is not None else {}
-    return replace(plan, family=family, family_args=args,
-                   trainable_params=sum(params(by_name[t], size) for t in plan.targets))
+    family = get_family(name)
+    by_name = {row["site"]: row for row in family_rows(plan, family, model)}
+    missing = [t for t in plan.targets if t not in by_name]
+    if missing:
+        raise PlacementError(f"{missing[0]} is not a {name} site: {name} adapts "
+                             f"{', '.join(sorted({r['role'] for r in by_name.values()})) or 'no site here'}")
+    args = {family.size.arg: size} if size is not None and family.size and family.size.arg else {}
+    return replace(plan, family=name, family_args=args,
+                   trainable_params=sum(family.params(by_name[t], size) for t in plan.targets))
 
 
 def prompt_plan(plan: Plan, model, family: str, length: int, layers: int | None = None, label: str = "") -> Plan:
     """A plan of a virtual-token family (prompt, prefix, LLaMA-Adapter on the top `layers`): its targets are the
-    modules it reaches, its size the number of virtual tokens."""
-    from ..families.prompts import prompt_params, prompt_targets
-
+    modules it reaches (the last `layers` of them; all when None), its size the number of virtual tokens."""
+    found = get_family(family)
     if length < 1:
         raise PlacementError(f"a {family} length of {length} adds no virtual token: pass :len1 or more")
-    targets = prompt_targets(model, family, layers)
+    reach = [s.name for s in found.find_sites(model)]
+    if layers is not None and found.count == "none":
+        raise PlacementError(f"{family} reaches every layer: it takes no layer count")
+    count = len(reach) if layers is None else layers
+    if not 1 <= count <= len(reach):
+        raise PlacementError(f"{family} on {count} layers: this model has {len(reach)}; pass 1 to {len(reach)}")
     peft = {k: v for k, v in plan.peft.items() if k not in ("rank_pattern", "alpha_pattern")}
-    return replace(plan, family=family, family_args={"num_virtual_tokens": length}, targets=targets,
-                   peft=peft | {"target_modules": targets},
-                   strategy={"name": family, "label": label or f"{family}:len{length}"},
-                   trainable_params=prompt_params(model.config, family, length, len(targets)))
+    lora = replace(plan, targets=reach[len(reach) - count:], peft=peft | {"target_modules": reach[len(reach) - count:]},
+                   strategy={"name": family, "label": label or f"{family}:len{length}"})
+    return with_family(lora, family, length, model)
 
 
 def check_model(plan: Plan, model) -> None:
@@ -207,6 +212,12 @@ def check_model(plan: Plan, model) -> None:
         raise PlacementError(
             f"site {absent[0]} of the plan is not in this model: profile this model and make a new plan"
         )
+    family = get_family(plan.family)
+    sites = {s.name for s in family.find_sites(model)}
+    stray = [t for t in plan.targets if t not in sites]
+    if stray:  # an embedding or a norm would train under PEFT without a word, outside every score
+        raise PlacementError(f"{stray[0]} is not a {plan.family} site of this model (placement sites lists them): "
+                             "make the plan from a profile or pick its targets among the sites")
     expected = plan.model.get("fingerprint")
     found = fingerprint(find_sites(model))
     if expected and expected != found:
@@ -284,6 +295,9 @@ def peft_problem(peft: dict, targets: list[str]) -> str | None:
         return f"peft.r is {peft.get('r')!r}: it must be a positive integer"
     if not _positive_number(peft.get("lora_alpha")):
         return f"peft.lora_alpha is {peft.get('lora_alpha')!r}: it must be a positive finite number"
+    init = init_problem(peft.get("init_lora_weights", True))
+    if init:
+        return f"peft.{init}"
     dropout = peft.get("lora_dropout", 0.0)
     if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         return f"peft.lora_dropout is {dropout!r}: it must be in [0, 1)"

@@ -2,8 +2,9 @@
 every candidate at its initial value the forward is the base model's, so one forward and backward over the
 calibration batches gives each site exactly the first gradient it would receive alone (DESIGN.md section 10).
 
-Hooks on each site read its input x, its output y and the gradients at both; per batch each family forms its
-parameter's first gradient in float32 (as autograd does) and adds its squared norm in float64. The score is the mean over batches, as PAGE is.
+Hooks on each site read its input x, its output y and the gradient at one of them; per batch the family's
+`Candidate` forms its parameter's first gradient in float32 (as autograd does) and the hook adds its squared norm in
+float64. The score is the mean over batches, as PAGE is.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
-from ..families import bottleneck as bn
-from ..families import ia3
+from ..families import Candidate, ScoreOptions, family_names, get_family
 from ..model.loss import token_loss
 from ..model.sites import Site, modules_by_name
 from .engine import gradients_reach_inputs
 
-IDENTITY_FAMILIES = ("ia3", "series-bn", "parallel-bn")
+
+def __getattr__(name):  # the shared-pass families, as registered when asked (a family may register late)
+    if name == "IDENTITY_FAMILIES":
+        return family_names("shared")
+    raise AttributeError(name)
 
 
 @dataclass
@@ -30,63 +34,45 @@ class FamilySite:
     family: str
     site: Site
     module: nn.Module
-    params: int
-    down: tuple | None = None  # a bottleneck's (D, bias) for this site
+    candidate: Candidate
     energy: float = 0.0
 
+    @property
+    def params(self) -> int:
+        return self.candidate.params
 
-def _candidates(model, families: list[str], width_factor: int, activation: str, seed: int,
-                width: int | None = None) -> list[FamilySite]:
+
+def _candidates(model, families: list[str], options: ScoreOptions) -> list[FamilySite]:
     out = []
-    for family in families:
-        if family == "ia3":
-            sites = ia3.ia3_sites(model)
-        elif family in ("series-bn", "parallel-bn"):
-            sites = bn.bottleneck_sites(model, family.split("-")[0])
-        else:
-            raise PlacementError(f"unknown adapter family '{family}': choose from lora, {', '.join(IDENTITY_FAMILIES)}")
+    for name in families:
+        family = get_family(name)
+        if family.candidate is None:
+            raise PlacementError(f"adapter family '{name}' is not scored in the shared pass: choose from "
+                                 f"{', '.join(family_names('shared'))}")
+        sites = family.find_sites(model)
         modules = modules_by_name(model, sites)
-        for site in sites:
-            row = site.to_dict() | {"site": site.name}
-            if family == "ia3":
-                out.append(FamilySite(family, site, modules[site.name], ia3.ia3_params(row)))
-                continue
-            placement = family.split("-")[0]
-            d_read = bn._width_of(site, placement)
-            size = width or max(d_read // width_factor, 1)
-            down = bn.draw_down(d_read, size, bn.site_seed(seed, site.name))
-            out.append(FamilySite(family, site, modules[site.name], bn.bottleneck_params(row, size, placement),
-                                  tuple(t.to(next(modules[site.name].parameters()).device) for t in down)))
+        out += [FamilySite(name, site, modules[site.name], family.candidate(site, modules[site.name], options))
+                for site in sites]
     return out
 
 
-def _hook(candidate: FamilySite, activation: str, scale: float):
+def _hook(candidate: FamilySite):
     """Forward hook on the candidate's site: keeps x and y, and scores the batch when the gradient it needs
-    arrives (at the output; for IA3 on an FFN input, at the input)."""
+    arrives (at the output, or at the input for a family that scales it)."""
     def forward(module, inputs, output):
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
         x, y = inputs[0].detach(), output.detach()
-        scales_input = candidate.family == "ia3" and ia3.feedforward(candidate.site)
 
-        def at_output(grad):
-            d = grad.detach()
-            if candidate.family == "ia3":
-                g = ia3.ia3_gradient(x, y, d, None, input_scaling=False)
-            else:
-                g = bn.bottleneck_gradient(y if candidate.family == "series-bn" else x, d, *candidate.down,
-                                           activation, scale)
+        def add(grad):
+            g = candidate.candidate.gradient(x, y, grad.detach())
             candidate.energy += float(g.double().pow(2).sum())
 
-        def at_input(grad):
-            candidate.energy += float(ia3.ia3_gradient(x, y, None, grad.detach(), input_scaling=True).double()
-                                      .pow(2).sum())
-
-        if scales_input:
+        if candidate.candidate.reads == "input":
             if inputs[0].requires_grad:
-                inputs[0].register_hook(at_input)
+                inputs[0].register_hook(add)
         else:
-            output.register_hook(at_output)
+            output.register_hook(add)
     return forward
 
 
@@ -97,12 +83,13 @@ class FamilyScoring:
 
     def __init__(self, model: nn.Module, families: list[str], *, width_factor: int = 16, width: int | None = None,
                  activation: str = "relu", scale: float = 1.0, seed: int = 0):
-        self.model, self.activation, self.scale = model, activation, scale
-        self.candidates = _candidates(model, families, width_factor, activation, seed, width)
+        self.model = model
+        options = ScoreOptions(width_factor=width_factor, width=width, activation=activation, scale=scale, seed=seed)
+        self.candidates = _candidates(model, families, options)
         self.handles: list = []
 
     def __enter__(self) -> "FamilyScoring":
-        self.handles = [c.module.register_forward_hook(_hook(c, self.activation, self.scale))
+        self.handles = [c.module.register_forward_hook(_hook(c))
                         for c in self.candidates]
         return self
 

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import PlacementError
 from ..families import adapters
-from ..families.lora import lora_config
+from ..families.lora import init_problem, lora_config
 from ..plan.plan import Plan
 
 ADAPTER = "default"
@@ -39,6 +39,9 @@ def _overrides(peft: dict, overrides: dict) -> dict:
         hint = "the plan chooses the sites" if unknown[0] in ("target_modules", "rank_pattern", "alpha_pattern") \
             else "pass LoraConfig arguments such as lora_dropout=0.05"
         raise PlacementError(f"apply() got {unknown[0]}=..., which it cannot override: {hint}")
+    init = init_problem(overrides.get("init_lora_weights", True))
+    if init:
+        raise PlacementError(f"apply() got {init}")
     return peft | overrides
 
 
@@ -59,6 +62,9 @@ def apply(model, plan: Plan | str | Path, *, variant: str | None = None, r: int 
     model = unwrap(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     plan.check(base)
+    if adapters.is_ours(base):  # our adapters are in the model itself: a second plan would stack on them
+        raise PlacementError("this model already has adapters of ours (a bottleneck plan was applied): apply the "
+                             "plan to a fresh base model")
     if plan.family != "lora":  # another family's plan (IA3, bottleneck, virtual tokens): its own config, unchanged
         if overrides or isinstance(model, PeftModel):
             raise PlacementError(f"apply() puts a {plan.family} plan on a bare model as it is: pass no LoraConfig "
