@@ -11,3 +11,6 @@ def apply(model, plan, **kwargs):
     """The plan's LoRA on `model` (a plan, a plan file or a profile folder); see `placement.train.apply.apply`."""
     from .train.apply import apply as _apply
     return _apply(model, plan, **kwargs)
+
+
+from .families.base import register as register_family  # noqa: E402  (a family from outside the package)
