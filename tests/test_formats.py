@@ -216,3 +216,14 @@ def test_plan_r_keeps_alpha_over_r_and_counts_again_as_train_r(make_plan, invoke
     assert again["peft"]["lora_alpha"] / 3 == pytest.approx(plan.peft["lora_alpha"] / plan.peft["r"])
     assert again["trainable_params"] == json.loads(result.output)["trainable_params"] == plan.with_rank(3).trainable_params
     assert again["trainable_params"] == sum(3 * (r["d_in"] + r["d_out"]) for r in plan.sites if r["site"] in plan.targets)
+
+
+def test_plan_r_refuses_what_one_rank_cannot_say(make_plan):
+    from placement.errors import PlacementError
+
+    model = tiny_model("llama")
+    with pytest.raises(PlacementError, match="its own rank"):
+        allocated(make_plan, model).with_rank(3)  # the per-site ranks would be replaced
+    for rank in (2.5, 0, True):
+        with pytest.raises(PlacementError, match="not a LoRA rank"):
+            make_plan(model, Strategy("dominant")).with_rank(rank)

@@ -96,11 +96,7 @@ class Plan:
         """The same sites at rank r, alpha / r kept (itself when r is None)."""
         if r is None or (r == self.peft.get("r") and self.family == "lora"):
             return self
-        _lora_only(self, "a rank", "drop --r")
-        if self.peft.get("rank_pattern"):  # one r would replace the per-site ranks the plan was made with
-            raise PlacementError("this plan gives each site its own rank, which --r would replace: make the plan "
-                                 "again at another budget (allocate-P%), or drop --r")
-        return self.with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
+        return _one_rank(self).with_strategy(Strategy("given", targets=self.targets, source=self.label), r=r)
 
     @property
     def dominant_site(self) -> str:
@@ -129,7 +125,7 @@ class Plan:
     def lora_config(self):
         return lora_config(self.peft)
 
-    def adapter_config(self, model=None):  # PEFT's config for LoRA, IA3 and prompt families; ours for bottlenecks
+    def adapter_config(self, model=None):  # the config its family applies it with: PEFT's, or ours
         return adapter_config(self, model)
 
     def with_family(self, family: str, size: int | None = None) -> "Plan":  # another module family, params counted
@@ -160,6 +156,15 @@ def _lora_only(plan: Plan, what: str, hint: str) -> None:
     if plan.family != "lora":
         raise PlacementError(f"this plan trains {plan.family}, not LoRA, so {what} means nothing to it: {hint}, or "
                              "compare the family's sizes and site counts as arms (ia3-4, series-bn:rf8, prefix:len20)")
+
+
+def _one_rank(plan: Plan) -> Plan:
+    """The plan, a LoRA plan with one rank, which --r may change (per-site ranks would be replaced by it)."""
+    _lora_only(plan, "a rank", "drop --r")
+    if plan.peft.get("rank_pattern"):
+        raise PlacementError("this plan gives each site its own rank, which --r would replace: make the plan again "
+                             "at another budget (allocate-P%), or drop --r")
+    return plan
 
 
 def family_rows(plan: Plan, family, model=None) -> list[dict]:
