@@ -13,4 +13,7 @@ def apply(model, plan, **kwargs):
     return _apply(model, plan, **kwargs)
 
 
-from .families.base import register as register_family  # noqa: E402  (a family from outside the package)
+def register_family(family):
+    """Add an adapter family (a `placement.families.Family`) to the registry, as PEFT's `register_peft_method`."""
+    from .families.base import register
+    return register(family)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from ..errors import PlacementError
 from ..model.sites import Site, find_blocks
-from .base import Family, Part, register
-from .prompts import FORMATS, LENGTH, TASK, block_sites, hidden_of, length_of
+from .base import Part
+from .prompts import LENGTH, TASK, block_sites, hidden_of, length_of, register_virtual
 
 # Model types PEFT's adaption prompt accepts under our transformers (others raise in get_peft_model)
 MODEL_TYPES = ("llama", "mistral", "gpt2")
@@ -43,24 +43,7 @@ def parts(peft_model, model, length: int) -> list[Part]:
     return out
 
 
-def adapter_config(kwargs: dict):
-    from peft import AdaptionPromptConfig
-
-    return AdaptionPromptConfig(**kwargs)
-
-
-LLAMA_ADAPTER = register(Family(
-    name="llama-adapter",
-    help="gated prompts in the top N layers, all without N (PEFT AdaptionPromptConfig)",
-    score="||grad g||^2 of each layer's gate",
-    find_sites=gate_sites,
-    params=gate_params,
-    config=adapter_config,
-    kwargs=plan_kwargs,
-    size=LENGTH,
-    ranked=False,
-    parts=parts,
-    virtual=True,
-    supports=supports,
-    formats=FORMATS,
-))
+LLAMA_ADAPTER = register_virtual(
+    "llama-adapter", "gated prompts in the top N layers, all without N (PEFT AdaptionPromptConfig)",
+    "||grad g||^2 of each layer's gate", "AdaptionPromptConfig", find_sites=gate_sites, params=gate_params,
+    kwargs=plan_kwargs, count="optional", parts=parts, supports=supports)

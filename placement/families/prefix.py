@@ -5,8 +5,8 @@ slice of the prefix's first gradient, from a pass with the prefix inserted."""
 from __future__ import annotations
 
 from ..model.sites import Site, find_blocks
-from .base import Family, Part, register
-from .prompts import FORMATS, LENGTH, block_sites, embedding_grad, text_config, tokens_params, virtual_kwargs
+from .base import Part
+from .prompts import block_sites, embedding_grad, register_virtual, text_config
 
 
 def key_value_width(model_config) -> int:
@@ -30,25 +30,6 @@ def parts(peft_model, model, length: int) -> list[Part]:
             for i in range(len(blocks))]
 
 
-def prefix_config(kwargs: dict):
-    from peft import PrefixTuningConfig
-
-    return PrefixTuningConfig(**kwargs)
-
-
-PREFIX = register(Family(
-    name="prefix",
-    help="trained key/value prefixes in every layer (PEFT PrefixTuningConfig)",
-    score="||grad P_l||^2 per layer's slice",
-    find_sites=prefix_sites,
-    params=tokens_params,
-    config=prefix_config,
-    kwargs=virtual_kwargs,
-    size=LENGTH,
-    count="none",
-    ranked=False,
-    parts=parts,
-    virtual=True,
-    checkpointing=False,
-    formats=FORMATS,
-))
+PREFIX = register_virtual("prefix", "trained key/value prefixes in every layer (PEFT PrefixTuningConfig)",
+                          "||grad P_l||^2 per layer's slice", "PrefixTuningConfig", find_sites=prefix_sites,
+                          parts=parts, checkpointing=False)

@@ -4,8 +4,8 @@ score is the energy of the virtual tokens' first gradient (PEFT's random init), 
 from __future__ import annotations
 
 from ..model.sites import Site
-from .base import Family, Part, register
-from .prompts import FORMATS, LENGTH, embedding_grad, hidden_of, tokens_params, virtual_kwargs
+from .base import Part
+from .prompts import embedding_grad, hidden_of, register_virtual
 
 
 def embedding_site(model) -> list[Site]:
@@ -18,24 +18,6 @@ def parts(peft_model, model, length: int) -> list[Part]:
     return [Part("prompt", -1, "prompt", length * hidden_of(model.config), embedding_grad)]
 
 
-def prompt_config(kwargs: dict):
-    from peft import PromptTuningConfig
-
-    return PromptTuningConfig(**kwargs)
-
-
-PROMPT = register(Family(
-    name="prompt",
-    help="trained virtual-token embeddings before the input (PEFT PromptTuningConfig)",
-    score="||grad P||^2 of the virtual tokens",
-    find_sites=embedding_site,
-    params=tokens_params,
-    config=prompt_config,
-    kwargs=virtual_kwargs,
-    size=LENGTH,
-    count="none",
-    ranked=False,
-    parts=parts,
-    virtual=True,
-    formats=FORMATS,
-))
+PROMPT = register_virtual("prompt", "trained virtual-token embeddings before the input (PEFT PromptTuningConfig)",
+                          "||grad P||^2 of the virtual tokens", "PromptTuningConfig", find_sites=embedding_site,
+                          parts=parts)

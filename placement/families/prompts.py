@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import PlacementError
 from ..model.sites import Site, find_blocks
-from .base import Size, family_names
+from .base import Family, Size, family_names, register
 
 DEFAULT_LENGTH = 10
 TASK = "CAUSAL_LM"
@@ -61,3 +61,20 @@ def virtual_kwargs(plan, model=None) -> dict:
 def embedding_grad(peft_model):
     """The first gradient of PEFT's virtual-token table (prompt and prefix tuning keep one)."""
     return peft_model.prompt_encoder["default"].embedding.weight.grad
+
+
+def peft_config(class_name: str):
+    """`config` for a family of PEFT's: its config class, imported when a plan is applied."""
+    def make(kwargs: dict):
+        import peft
+
+        return getattr(peft, class_name)(**kwargs)
+    return make
+
+
+def register_virtual(name: str, help: str, score: str, peft_class: str, **fields) -> Family:
+    """Register a virtual-token family: PEFT's config class, the length after ':len', virtual tokens on every site
+    it reaches unless `fields` says otherwise (LLaMA-Adapter's -N takes the top layers)."""
+    return register(Family(**{"name": name, "help": help, "score": score, "config": peft_config(peft_class),
+                              "params": tokens_params, "kwargs": virtual_kwargs, "size": LENGTH, "count": "none",
+                              "ranked": False, "virtual": True, "formats": FORMATS} | fields))
