@@ -112,6 +112,10 @@ def test_what_a_family_cannot_do_is_refused(make_plan, tmp_path):
         check_arms(parse_arms("llama-adapter:len4"), tiny_model("qwen2"))
     with pytest.raises(PlacementError, match="width 0"):
         check_arms(parse_arms("series-bn:rf64"), tiny_model("llama"))
+    for arm, count in (("ia3-7", 6), ("parallel-bn-5", 4), ("llama-adapter-3", 2)):  # above the family's sites
+        with pytest.raises(PlacementError, match=f"this model has {count}"):
+            check_arms(parse_arms(arm), tiny_model("llama"))
+    check_arms(parse_arms("ia3-6,parallel-bn-4,llama-adapter-2"), tiny_model("llama"))
     with pytest.raises(PlacementError, match="longer than --max-length 48"):
         CompareSettings(parse_arms("prefix:len64"), settings()).check()
     with pytest.raises(PlacementError, match="has 2"):
