@@ -11,3 +11,9 @@ def apply(model, plan, **kwargs):
     """The plan's LoRA on `model` (a plan, a plan file or a profile folder); see `placement.train.apply.apply`."""
     from .train.apply import apply as _apply
     return _apply(model, plan, **kwargs)
+
+
+def register_score(score):
+    """Add a score (a `placement.probe.registry.Score`) to every ranking, table and report; see that module."""
+    from .probe.registry import register_score as _register
+    return _register(score)

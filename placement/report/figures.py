@@ -1,6 +1,7 @@
 """Figures a person would rather look at than read: heatmaps, curves, agreement matrices.
 
-This module imports no stage of the flow (only the ground module `outputs`), so every stage may draw with it.
+This module imports no stage of the flow (only the ground module `outputs`), so every stage may draw with it; it
+only draws: the tables it draws are computed by the stages (the heatmap's in `plan.ranking`).
 """
 from __future__ import annotations
 
@@ -15,21 +16,6 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..outputs import atomic_path  # noqa: E402
 
-# The canonical order of roles down a heatmap (the model stage's ROLES); figures import no stage, so any may draw.
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "router")
-
-
-def margins(ranked: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Summed shares per role and per layer: the heatmap's margins."""
-    return ranked.groupby("role")["share"].sum().sort_values(ascending=False), ranked.groupby("layer")["share"].sum()
-
-
-def share_grid(ranked: pd.DataFrame, roles: tuple[str, ...]) -> pd.DataFrame:
-    """Share per (role, layer): rows are the roles present, in canonical order; columns are layers."""
-    grid = ranked.pivot_table(index="role", columns="layer", values="share", aggfunc="sum")
-    present = [r for r in roles if r in grid.index] + [r for r in grid.index if r not in roles]
-    return grid.reindex(present)
-
 
 def _save(fig, path) -> None:
     """Write a figure atomically and free it: pyplot keeps every open figure alive otherwise."""
@@ -38,16 +24,17 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, annotate_top: int = 5) -> None:
-    """Share of the score per (role, layer), layers across, roles down, with margins; the dominant site boxed.
+def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd.DataFrame, path, title: str = "",
+            log: bool = False) -> None:
+    """Share of the score per (role, layer), layers across, roles down, with margins; the top sites annotated and the
+    first of them, the dominant site, boxed. The tables come from `plan.ranking.heatmap_tables`.
 
     Roles run down because there are few of them and layers run across because there can be many: a 30-layer
     model stays readable on a laptop screen.
     """
-    grid = share_grid(ranked, ROLES)
     roles, layers = list(grid.index), list(grid.columns)
     values = grid.to_numpy(dtype=float)
-    role_margin, layer_margin = margins(ranked)
+    role_margin, layer_margin = by_role, by_layer
 
     fig = plt.figure(figsize=(max(8.0, 0.32 * len(layers) + 3.5), 1.1 + 0.42 * len(roles) + 1.6))
     grid_spec = fig.add_gridspec(2, 3, width_ratios=[max(4, len(layers)), 3.2, 0.35], height_ratios=[1.2, len(roles)],
@@ -75,7 +62,7 @@ def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, anno
     ax.set_xlabel("layer")
     ax.set_ylabel("role")
 
-    best = ranked.sort_values("rank").head(annotate_top)
+    best = top
     for i, row in enumerate(best.itertuples()):
         x, y = layers.index(row.layer), roles.index(row.role)
         colour = "white" if norm(row.share) > 0.55 else "black"
