@@ -34,13 +34,12 @@ def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd
     """
     roles, layers = list(grid.index), list(grid.columns)
     values = grid.to_numpy(dtype=float)
-    role_margin, layer_margin = by_role, by_layer
 
     fig = plt.figure(figsize=(max(8.0, 0.32 * len(layers) + 3.5), 1.1 + 0.42 * len(roles) + 1.6))
     grid_spec = fig.add_gridspec(2, 3, width_ratios=[max(4, len(layers)), 3.2, 0.35], height_ratios=[1.2, len(roles)],
                                  wspace=0.05, hspace=0.06)
     ax = fig.add_subplot(grid_spec[1, 0])
-    top = fig.add_subplot(grid_spec[0, 0], sharex=ax)
+    above = fig.add_subplot(grid_spec[0, 0], sharex=ax)
     side = fig.add_subplot(grid_spec[1, 1], sharey=ax)
     cax = fig.add_subplot(grid_spec[1, 2])
 
@@ -62,8 +61,7 @@ def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd
     ax.set_xlabel("layer")
     ax.set_ylabel("role")
 
-    best = top
-    for i, row in enumerate(best.itertuples()):
+    for i, row in enumerate(top.itertuples()):
         x, y = layers.index(row.layer), roles.index(row.role)
         colour = "white" if norm(row.share) > 0.55 else "black"
         ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
@@ -71,17 +69,17 @@ def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd
         if i == 0:
             ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
 
-    top.bar(range(len(layers)), [layer_margin.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
-    top.set_ylabel("layer\nshare", fontsize=8)
-    top.tick_params(labelbottom=False, labelsize=7)
-    side.barh(range(len(roles)), [role_margin.get(role, 0.0) for role in roles], color="#555", height=0.7)
+    above.bar(range(len(layers)), [by_layer.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
+    above.set_ylabel("layer\nshare", fontsize=8)
+    above.tick_params(labelbottom=False, labelsize=7)
+    side.barh(range(len(roles)), [by_role.get(role, 0.0) for role in roles], color="#555", height=0.7)
     side.set_xlabel("role share", fontsize=8)
     side.tick_params(labelleft=False, labelsize=7)
-    for a in (top, side):
+    for a in (above, side):
         for spine in ("top", "right"):
             a.spines[spine].set_visible(False)
 
-    dominant = best.iloc[0]
+    dominant = top.iloc[0]
     headline = f"dominant: {dominant.site}  ({100 * dominant.share:.1f}% of the score)"
     fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=10, y=0.995)
     fig.text(0.01, 0.005, "cells: % share for the top sites; boxed: the dominant site", fontsize=7, color="#666")
