@@ -24,6 +24,30 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
+def _annotate(ax, top: pd.DataFrame, roles: list, layers: list, norm) -> None:
+    """Each top site's share in its cell; the first, the dominant site, boxed."""
+    for i, row in enumerate(top.itertuples()):
+        x, y = layers.index(row.layer), roles.index(row.role)
+        colour = "white" if norm(row.share) > 0.55 else "black"
+        ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
+                fontsize=7, color=colour)
+        if i == 0:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
+
+
+def _margin_bars(above, side, by_role: pd.Series, by_layer: pd.Series, roles: list, layers: list) -> None:
+    """The layer margins above the grid and the role margins beside it."""
+    above.bar(range(len(layers)), [by_layer.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
+    above.set_ylabel("layer\nshare", fontsize=8)
+    above.tick_params(labelbottom=False, labelsize=7)
+    side.barh(range(len(roles)), [by_role.get(role, 0.0) for role in roles], color="#555", height=0.7)
+    side.set_xlabel("role share", fontsize=8)
+    side.tick_params(labelleft=False, labelsize=7)
+    for a in (above, side):
+        for spine in ("top", "right"):
+            a.spines[spine].set_visible(False)
+
+
 def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd.DataFrame, path, title: str = "",
             log: bool = False) -> None:
     """Share of the score per (role, layer), layers across, roles down, with margins; the top sites annotated and the
@@ -61,24 +85,8 @@ def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd
     ax.set_xlabel("layer")
     ax.set_ylabel("role")
 
-    for i, row in enumerate(top.itertuples()):
-        x, y = layers.index(row.layer), roles.index(row.role)
-        colour = "white" if norm(row.share) > 0.55 else "black"
-        ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
-                fontsize=7, color=colour)
-        if i == 0:
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
-
-    above.bar(range(len(layers)), [by_layer.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
-    above.set_ylabel("layer\nshare", fontsize=8)
-    above.tick_params(labelbottom=False, labelsize=7)
-    side.barh(range(len(roles)), [by_role.get(role, 0.0) for role in roles], color="#555", height=0.7)
-    side.set_xlabel("role share", fontsize=8)
-    side.tick_params(labelleft=False, labelsize=7)
-    for a in (above, side):
-        for spine in ("top", "right"):
-            a.spines[spine].set_visible(False)
-
+    _annotate(ax, top, roles, layers, norm)
+    _margin_bars(above, side, by_role, by_layer, roles, layers)
     dominant = top.iloc[0]
     headline = f"dominant: {dominant.site}  ({100 * dominant.share:.1f}% of the score)"
     fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=10, y=0.995)

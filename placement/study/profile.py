@@ -131,11 +131,10 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     settings, strategy = checked_settings(settings, score, strategy, bootstrap)
     sites = find_sites(model)
     block = model_block(model, source, sites)  # before sharding: the weights' dtype and shapes as loaded
-    if fsdp:
-        world = rank_and_world()[1]
-        if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
-            raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
-                                 f"where every rank runs the same passes: pass a multiple of {world}")
+    world = rank_and_world()[1]
+    if fsdp and len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
+        raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
+                             f"where every rank runs the same passes: pass a multiple of {world}")
     prompts = [f for f in families if f in PROMPT_FAMILIES]  # they change the forward: a pass each
     others = [f for f in families if f != "lora" and f not in prompts]
     if (others or prompts) and fsdp:
@@ -154,17 +153,8 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         sites_in_order = list(result.scores["site"])
         intervals, curve, stable = stability(result.batch_page, sites_in_order, n=bootstrap, seed=settings.seed)
         ranked = ranked.merge(intervals, on="site", how="left")
-    probe_block = {
-        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
-        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
-        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
-        "spectrum_k": settings.spectrum,
-    }
-    site_rows = [
-        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        for row in ranked[[c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo",
-                                       "rank_hi", "p_top") if c in ranked.columns]].to_dict("records")
-    ]
+    probe_block = probe_record(result, score, data, batch_size, max_length)
+    site_rows = plan_rows(ranked)
     if strategy.name == "allocate":
         spectrum = None if result.spectrum is None else dict(zip(result.scores["site"], result.spectrum))
         strategy = allocate_strategy(strategy.max_params, spectrum, site_rows)
@@ -177,6 +167,25 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         other_scores = virtual if other_scores is None else pd.concat([other_scores, virtual], ignore_index=True)
     frame = family_frame(families, ranked, other_scores, settings.r) if other_scores is not None else None
     return Profile(result, ranked, plan, score, curve, frame)
+
+
+def probe_record(result: ProbeResult, score: str, data: str, batch_size: int, max_length: int) -> dict:
+    """The plan's `probe` block: what was measured, on what, and how long it took."""
+    settings = result.settings
+    return {
+        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
+        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
+        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
+        "spectrum_k": settings.spectrum,
+    }
+
+
+def plan_rows(ranked: pd.DataFrame) -> list[dict]:
+    """The plan's site rows: each site's place in the ranking, as plain Python values."""
+    columns = [c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo", "rank_hi",
+                           "p_top") if c in ranked.columns]
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in ranked[columns].to_dict("records")]
 
 
 def with_registered(frame: pd.DataFrame, ctx: ScoreContext, ranking: str) -> pd.DataFrame:
