@@ -98,7 +98,7 @@ def compute_scores(ctx: ScoreContext, names: list[str]) -> pd.DataFrame:
         if missing:
             raise PlacementError(f"score {name} gave no value for site {missing[0]}: its compute must cover every "
                                  "site it is given")
-        frame[name] = [float(values[s.name]) for s in ctx.sites]
+        frame[name] = [values[s.name] for s in ctx.sites]
     return frame
 
 

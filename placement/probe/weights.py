@@ -83,4 +83,4 @@ register_score(Score("kappa", "the weight's condition number S[0] / S[-1] (PEFT'
 register_score(Score("snr", "Spectrum's signal-to-noise ratio of the weight's singular values: highest first",
                      "weights", lambda ctx: snr_scores(ctx.model, ctx.sites), energy=False))
 register_score(Score("params", "d_in + d_out, the adapter's size per rank: largest sites first", "weights",
-                     lambda ctx: {s.name: float(s.d_in + s.d_out) for s in ctx.sites}, energy=False))
+                     lambda ctx: {s.name: s.d_in + s.d_out for s in ctx.sites}, energy=False))

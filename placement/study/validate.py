@@ -27,8 +27,8 @@ from ..model.loss import token_loss
 from ..model.sites import find_sites
 from ..outputs import read_table, write_csv, write_text
 from ..plan.plan import Plan
-from ..probe.registry import SCORES, ScoreContext, compute_scores, ranking_names, score_names
 from ..plan.strategies import Strategy
+from ..probe.registry import SCORES, ScoreContext, compute_scores, ranking_names, score_names
 from ..report.figures import validation_plot
 from ..train import evaluate as ev
 from ..train.trainer import TrainSettings, apply_plan, train
@@ -37,15 +37,17 @@ from . import stats
 # Scores a site can be ranked by, from the registry: the energies (page first), the scores of the weights alone
 # (sign set so that larger is preferred), and two trivial baselines that any useful score must beat.
 BASELINES = ("params", "depth")
+TOP_PAGE = 4  # the page ranking's head is always trained: it is the tool's answer
 
 
 def energy_scores() -> list[str]:
+    """The energies, page first: the probe's, act_norm, and any registered beside them."""
     return ranking_names()
 
 
 def weight_scores() -> list[str]:
+    """The order-only scores of the weights alone (kappa, snr), the baselines left out."""
     return [n for n in score_names("weights") if n not in BASELINES and n not in ranking_names()]
-TOP_PAGE = 4  # the page ranking's head is always trained: it is the tool's answer
 
 
 @dataclass
