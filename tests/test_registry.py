@@ -63,7 +63,6 @@ def test_every_probe_score_is_a_column_the_probe_writes(batches):
 
 
 def test_the_lists_of_score_names_follow_the_registry(scratch_score):
-    from placement.cli_options import probe_options  # noqa: F401  (the CLI builds its options on import)
     from placement.cli import main
     from placement.study import profile, validate
 
