@@ -17,3 +17,9 @@ def register_family(family):
     """Add an adapter family (a `placement.families.Family`) to the registry, as PEFT's `register_peft_method`."""
     from .families.base import register
     return register(family)
+
+
+def register_score(score):
+    """Add a score (a `placement.probe.registry.Score`) to every ranking, table and report; see that module."""
+    from .probe.registry import register_score as _register
+    return _register(score)

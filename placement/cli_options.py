@@ -11,6 +11,7 @@ from .errors import PlacementError
 from .families.lora import VARIANTS
 from .plan.formats import FORMATS
 from .plan.strategies import STRATEGIES, arm_help, strategy_help
+from .probe.registry import ranking_names
 
 
 def user_errors(fn):
@@ -178,7 +179,7 @@ probe_options = options(  # profile: the model, the data, the LoRA and probe the
     click.option("--fast", is_flag=True, help="never form a weight-sized gradient; page is estimated over --draws"),
     click.option("--draws", type=int, default=8, show_default=True, help="draws of lora_A in --fast mode"),
     click.option("--score", default="page", show_default=True,
-                  type=click.Choice(["page", "page_sampled", "grad_energy", "fisher", "page_opt"]), help="ranking score"),
+                  type=click.Choice(ranking_names()), help="ranking score"),
     click.option("--spectrum-k", type=int, default=0, show_default=True,
                  help="top singular values of each site's gradient to keep (exact probe) for page_opt and rank "
                       "allocation; 64 when --score page_opt or --strategy allocate asks for them"),

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from placement.plan.ranking import concentration, margins, rank, share_grid
+from placement.plan.ranking import concentration, heatmap_tables, margins, rank, share_grid
 from placement.model.sites import ROLES
 
 LLAMA_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -147,6 +147,18 @@ def test_share_grid():
     assert grid.loc["down", 0] == pytest.approx(1 / 20)
     assert np.isnan(grid.loc["k", 0]) and np.isnan(grid.loc["custom", 0])
     assert np.nansum(grid.to_numpy()) == pytest.approx(1.0)
+
+
+def test_heatmap_tables_are_what_the_heatmap_draws(tmp_path):
+    from placement.report.figures import heatmap
+
+    ranked = rank(frame([1.0, 2.0, 3.0, 4.0, 10.0], layers=[0, 0, 1, 1, 1], roles=["down", "q", "up", "k", "q"]))
+    tables = heatmap_tables(ranked, top=2)
+    assert tables["grid"].equals(share_grid(ranked))  # the canonical roles by default
+    assert tables["by_role"].equals(margins(ranked)[0]) and tables["by_layer"].equals(margins(ranked)[1])
+    assert tables["top"]["rank"].tolist() == [1, 2] and tables["top"]["share"].iloc[0] == pytest.approx(0.5)
+    heatmap(**tables, path=tmp_path / "heatmap.png", log=True)
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bootstrap_intervals_and_top_probability():

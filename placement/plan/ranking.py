@@ -6,9 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..report.figures import margins, share_grid  # noqa: F401  (the heatmap's tables, drawn and tested as ranking)
-
-SCORES = ("page", "page_sampled", "grad_energy", "fisher", "page_opt")
+from ..model.sites import ROLES
 
 
 def rank(scores: pd.DataFrame, score: str = "page") -> pd.DataFrame:
@@ -25,6 +23,24 @@ def rank(scores: pd.DataFrame, score: str = "page") -> pd.DataFrame:
     ranks[order] = np.arange(1, len(out) + 1)
     out["rank"] = ranks
     return out.sort_values("rank").reset_index(drop=True)
+
+
+def margins(ranked: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Summed shares per role (largest first) and per layer: the heatmap's margins."""
+    return ranked.groupby("role")["share"].sum().sort_values(ascending=False), ranked.groupby("layer")["share"].sum()
+
+
+def share_grid(ranked: pd.DataFrame, roles: tuple[str, ...] = ROLES) -> pd.DataFrame:
+    """Share per (role, layer): rows are the roles present, in canonical order; columns are layers."""
+    grid = ranked.pivot_table(index="role", columns="layer", values="share", aggfunc="sum")
+    present = [r for r in roles if r in grid.index] + [r for r in grid.index if r not in roles]
+    return grid.reindex(present)
+
+
+def heatmap_tables(ranked: pd.DataFrame, top: int = 5) -> dict:
+    """What `report.figures.heatmap` draws: the share grid, its role and layer margins, and the top sites."""
+    by_role, by_layer = margins(ranked)
+    return dict(grid=share_grid(ranked), by_role=by_role, by_layer=by_layer, top=ranked.sort_values("rank").head(top))
 
 
 def concentration(ranked: pd.DataFrame) -> dict:

@@ -7,18 +7,19 @@ Both look only at the base weights, never at data:
 - Spectrum (Hartford et al. 2024, github.com/cognitivecomputations/spectrum, `spectrum.py`): prefer the sites whose
   singular values stand furthest above a Marchenko-Pastur noise bound, taking the top of each role.
 
-Every selector returns exact `Site.name`s in model order (layer, then role as ordered in `ROLES`).
+Every selector returns exact `Site.name`s in model order (layer, then role as ordered in `ROLES`). The per-site
+figures they take the top of are registered scores (`probe.weights`).
 """
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import PlacementError
-from ..model.sites import ROLES, Site, modules_by_name
+from ..model.sites import ROLES, Site
+from ..probe.weights import kappa_scores, site_modules, snr_scores  # noqa: F401  (the selectors' scores)
 
 
 def kappa_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
@@ -47,41 +48,6 @@ def kappa_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
             f"{len(sites)} sites: ask for k <= {len(ranked)}"
         )
     return _in_model_order(sites, ranked[:k])
-
-
-def kappa_scores(model: nn.Module, sites: list[Site]) -> dict[str, float]:
-    """Each site's weight condition number as PEFT's kappa selector computes it, S[0] / (S[-1] + 1e-8) from the
-    float32 singular values (lower is preferred). Dict keys follow the order of `sites`."""
-    if not sites:
-        raise PlacementError("no sites given: pass the list from find_sites(model)")
-    modules = _modules(model, sites)
-    out = {}
-    for site in sites:
-        s = torch.linalg.svdvals(modules[site.name].weight.detach().float())
-        out[site.name] = float(s[0] / (s[-1] + 1e-8))
-    return out
-
-
-def snr_scores(model: nn.Module, sites: list[Site]) -> dict[str, float]:
-    """Spectrum's per-module signal-to-noise ratio from the weight's singular values (Marchenko-Pastur bound).
-
-    As in `ModelModifier.calculate_snr_for_layer` of Spectrum's `spectrum.py`, for an n x m weight W in float32:
-
-        S      = svdvals(W), descending
-        sigma  = (q75(S) - q25(S)) / 1.349        IQR of the singular values, as a normal-scale estimate
-        eps    = sigma * (1 + sqrt(beta))         beta = min(n, m) / max(n, m)
-        signal = sum of S > eps
-        noise  = sum of S <= eps                  1.0 when no singular value is at or below eps
-        snr    = signal / noise / S[0]            inf when noise is 0
-
-    A `Conv1D` weight is the transpose of the `nn.Linear` one and has the same singular values and the same beta.
-    An all-zero weight scores 0 (Spectrum would give inf), since it carries no signal.
-    Dict keys follow the order of `sites`.
-    """
-    if not sites:
-        raise PlacementError("no sites given: pass the list from find_sites(model)")
-    modules = _modules(model, sites)
-    return {s.name: _spectrum_snr(modules[s.name].weight) for s in sites}
 
 
 def snr_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
@@ -114,29 +80,9 @@ def snr_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
     return _in_model_order(sites, picked[:k])
 
 
-def _spectrum_snr(weight: torch.Tensor) -> float:
-    w = weight.detach().float()
-    if w.shape[0] < w.shape[1]:
-        w = w.t()  # same singular values; LAPACK is about twice as fast on the tall orientation
-    s = torch.linalg.svdvals(w)
-    top = s[0]
-    if top == 0:
-        return 0.0
-    n, m = w.shape
-    beta = min(n, m) / max(n, m)
-    sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
-    eps = sigma * (1 + math.sqrt(beta))
-    is_signal = s > eps
-    signal = s[is_signal].sum()
-    noise = s[~is_signal].sum() if (~is_signal).any() else s.new_tensor(1.0)
-    if noise == 0:
-        return math.inf
-    return (signal / noise / top).item()
-
-
 def _linear_stand_ins(model: nn.Module, sites: list[Site]) -> nn.Module:
     """A module tree holding one bias-free `nn.Linear` per site at the site's own dotted name, sharing its weight."""
-    modules = _modules(model, sites)
+    modules = site_modules(model, sites)
     root = nn.Module()
     for site in sites:
         module = modules[site.name]
@@ -153,16 +99,6 @@ def _linear_stand_ins(model: nn.Module, sites: list[Site]) -> nn.Module:
             parent = parent._modules[part]
         parent.add_module(leaf, linear)
     return root
-
-
-def _modules(model: nn.Module, sites: list[Site]) -> dict[str, nn.Module]:
-    modules = modules_by_name(model, sites)
-    missing = [s.name for s in sites if s.name not in modules]
-    if missing:
-        raise PlacementError(
-            f"site {missing[0]} is not a module of {type(model).__name__}: pass sites from find_sites on this model"
-        )
-    return modules
 
 
 def _check_k(sites: list[Site], k: int) -> None:

@@ -11,8 +11,13 @@ from .inputs import Input
 from .settings import ProbeSettings
 
 
+# The per-batch scores summed over batches, a column each: a new probe score adds its name here and its value in
+# `close_batch`; `results` reads the sums by name.
+SUMS = ("page", "grad_energy", "fisher")
+
+
 class Accumulator:
-    """Sums over batches, one row per site: [page, grad_energy, fisher], and ||grad_B||^2 per draw of A."""
+    """Sums over batches, one row per site: a column per name in SUMS, and ||grad_B||^2 per draw of A."""
 
     def __init__(self, states: list[SiteState], settings: ProbeSettings, device):
         self.states, self.settings, self.device = states, settings, device
@@ -21,7 +26,7 @@ class Accumulator:
         self.factor = torch.tensor(
             [scores.expected_factor(settings.r, settings.alpha, st.site.d_in, settings.use_rslora) for st in states],
             dtype=torch.float64, device=device)
-        self.sums = torch.zeros(n, 3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(n, len(SUMS), dtype=torch.float64, device=device)
         self.sampled_sum = torch.zeros(n, m, dtype=torch.float64, device=device)
         self.batch_page: list[torch.Tensor] = []
         self.nonfinite = torch.zeros(n, dtype=torch.int64, device=device)  # batches whose gradient overflowed
@@ -83,10 +88,10 @@ class Accumulator:
         self.sampled_sum += sampled
         if self.settings.mode == "exact":
             exact = self.buffers["exact"].double()
-            page, grad_energy, fisher = self.factor * exact[:, 0], exact[:, 0], self.factor * exact[:, 1]
+            batch = dict(page=self.factor * exact[:, 0], grad_energy=exact[:, 0], fisher=self.factor * exact[:, 1])
         else:
-            page, grad_energy = sampled.mean(dim=1), torch.zeros_like(self.factor)
-            fisher = per_draw(self.buffers["weighted"]).mean(dim=1) * self.s2
-        self.sums += torch.stack([page, grad_energy, fisher], dim=1)
-        self.batch_page.append(page)
+            batch = dict(page=sampled.mean(dim=1), grad_energy=torch.zeros_like(self.factor),
+                         fisher=per_draw(self.buffers["weighted"]).mean(dim=1) * self.s2)
+        self.sums += torch.stack([batch[name] for name in SUMS], dim=1)
+        self.batch_page.append(batch["page"])
         self.buffers = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .buffers import Accumulator
+from .buffers import SUMS, Accumulator
 from .settings import ProbeSettings
 
 
@@ -28,11 +28,12 @@ def probe_result(acc: Accumulator, n_batches: int, tokens: int, seconds: float,
     fast = acc.settings.mode == "fast"
     r = acc.settings.r
     spectrum = (acc.spectrum_sum / n_batches).cpu().numpy() if acc.spectrum_sum is not None else None
-    totals = acc.sums.cpu().numpy()  # (sites, [page, grad_energy, fisher]) summed over batches
+    totals = acc.sums.cpu().numpy()  # (sites, SUMS) summed over batches
     sampled = (acc.sampled_sum / n_batches).cpu()  # (sites, draws)
     rows = []
     nonfinite = acc.nonfinite.cpu().numpy()
-    for i, (st, (page_sum, grad_energy_sum, fisher_sum), draws) in enumerate(zip(acc.states, totals, sampled)):
+    for i, (st, sums, draws) in enumerate(zip(acc.states, totals, sampled)):
+        total = dict(zip(SUMS, sums))
         finite_batches = max(n_batches - int(nonfinite[i]), 1)  # overflowed batches scored zero: average the rest
         # coherence = ||mean_b g_b||^2 / mean_b ||g_b||^2, pooled over the draws of A
         g_mean = st.g_sum.double() / n_batches
@@ -40,12 +41,12 @@ def probe_result(acc: Accumulator, n_batches: int, tokens: int, seconds: float,
         coherence = float(g_mean.pow(2).sum()) * acc.s2 / spread if spread > 0 else 0.0
         rows.append(dict(
             st.site.to_dict(),
-            page=float(draws.mean()) * n_batches / finite_batches if fast else page_sum / finite_batches,
+            page=float(draws.mean()) * n_batches / finite_batches if fast else total["page"] / finite_batches,
             page_se=float(draws.std() / len(draws) ** 0.5) if fast else np.nan,
             page_sampled=float(draws[0]),
-            grad_energy=np.nan if fast else grad_energy_sum / finite_batches,
+            grad_energy=np.nan if fast else total["grad_energy"] / finite_batches,
             nonfinite_batches=int(nonfinite[i]),
-            fisher=fisher_sum / max(st.examples, 1),
+            fisher=total["fisher"] / max(st.examples, 1),
             coherence=coherence,
             # an A with orthonormal rows of squared norm 1/3 on G's top-r right singular vectors: s^2/3 sum_i<=r
             page_opt=acc.s2 / 3 * float(spectrum[i, :r].sum()) if spectrum is not None and spectrum.shape[1] >= r

@@ -1,6 +1,7 @@
 """Figures a person would rather look at than read: heatmaps, curves, agreement matrices.
 
-This module imports no stage of the flow (only the ground module `outputs`), so every stage may draw with it.
+This module imports no stage of the flow (only the ground module `outputs`), so every stage may draw with it; it
+only draws: the tables it draws are computed by the stages (the heatmap's in `plan.ranking`).
 """
 from __future__ import annotations
 
@@ -15,21 +16,6 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..outputs import atomic_path  # noqa: E402
 
-# The canonical order of roles down a heatmap (the model stage's ROLES); figures import no stage, so any may draw.
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "router")
-
-
-def margins(ranked: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Summed shares per role and per layer: the heatmap's margins."""
-    return ranked.groupby("role")["share"].sum().sort_values(ascending=False), ranked.groupby("layer")["share"].sum()
-
-
-def share_grid(ranked: pd.DataFrame, roles: tuple[str, ...]) -> pd.DataFrame:
-    """Share per (role, layer): rows are the roles present, in canonical order; columns are layers."""
-    grid = ranked.pivot_table(index="role", columns="layer", values="share", aggfunc="sum")
-    present = [r for r in roles if r in grid.index] + [r for r in grid.index if r not in roles]
-    return grid.reindex(present)
-
 
 def _save(fig, path) -> None:
     """Write a figure atomically and free it: pyplot keeps every open figure alive otherwise."""
@@ -38,22 +24,46 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, annotate_top: int = 5) -> None:
-    """Share of the score per (role, layer), layers across, roles down, with margins; the dominant site boxed.
+def _annotate(ax, top: pd.DataFrame, roles: list, layers: list, norm) -> None:
+    """Each top site's share in its cell; the first, the dominant site, boxed."""
+    for i, row in enumerate(top.itertuples()):
+        x, y = layers.index(row.layer), roles.index(row.role)
+        colour = "white" if norm(row.share) > 0.55 else "black"
+        ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
+                fontsize=7, color=colour)
+        if i == 0:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
+
+
+def _margin_bars(above, side, by_role: pd.Series, by_layer: pd.Series, roles: list, layers: list) -> None:
+    """The layer margins above the grid and the role margins beside it."""
+    above.bar(range(len(layers)), [by_layer.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
+    above.set_ylabel("layer\nshare", fontsize=8)
+    above.tick_params(labelbottom=False, labelsize=7)
+    side.barh(range(len(roles)), [by_role.get(role, 0.0) for role in roles], color="#555", height=0.7)
+    side.set_xlabel("role share", fontsize=8)
+    side.tick_params(labelleft=False, labelsize=7)
+    for a in (above, side):
+        for spine in ("top", "right"):
+            a.spines[spine].set_visible(False)
+
+
+def heatmap(grid: pd.DataFrame, by_role: pd.Series, by_layer: pd.Series, top: pd.DataFrame, path, title: str = "",
+            log: bool = False) -> None:
+    """Share of the score per (role, layer), layers across, roles down, with margins; the top sites annotated and the
+    first of them, the dominant site, boxed. The tables come from `plan.ranking.heatmap_tables`.
 
     Roles run down because there are few of them and layers run across because there can be many: a 30-layer
     model stays readable on a laptop screen.
     """
-    grid = share_grid(ranked, ROLES)
     roles, layers = list(grid.index), list(grid.columns)
     values = grid.to_numpy(dtype=float)
-    role_margin, layer_margin = margins(ranked)
 
     fig = plt.figure(figsize=(max(8.0, 0.32 * len(layers) + 3.5), 1.1 + 0.42 * len(roles) + 1.6))
     grid_spec = fig.add_gridspec(2, 3, width_ratios=[max(4, len(layers)), 3.2, 0.35], height_ratios=[1.2, len(roles)],
                                  wspace=0.05, hspace=0.06)
     ax = fig.add_subplot(grid_spec[1, 0])
-    top = fig.add_subplot(grid_spec[0, 0], sharex=ax)
+    above = fig.add_subplot(grid_spec[0, 0], sharex=ax)
     side = fig.add_subplot(grid_spec[1, 1], sharey=ax)
     cax = fig.add_subplot(grid_spec[1, 2])
 
@@ -75,26 +85,9 @@ def heatmap(ranked: pd.DataFrame, path, title: str = "", log: bool = False, anno
     ax.set_xlabel("layer")
     ax.set_ylabel("role")
 
-    best = ranked.sort_values("rank").head(annotate_top)
-    for i, row in enumerate(best.itertuples()):
-        x, y = layers.index(row.layer), roles.index(row.role)
-        colour = "white" if norm(row.share) > 0.55 else "black"
-        ax.text(x, y, f"{100 * row.share:.0f}" if row.share >= 0.01 else "", ha="center", va="center",
-                fontsize=7, color=colour)
-        if i == 0:
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2.5))
-
-    top.bar(range(len(layers)), [layer_margin.get(layer, 0.0) for layer in layers], color="#555", width=0.8)
-    top.set_ylabel("layer\nshare", fontsize=8)
-    top.tick_params(labelbottom=False, labelsize=7)
-    side.barh(range(len(roles)), [role_margin.get(role, 0.0) for role in roles], color="#555", height=0.7)
-    side.set_xlabel("role share", fontsize=8)
-    side.tick_params(labelleft=False, labelsize=7)
-    for a in (top, side):
-        for spine in ("top", "right"):
-            a.spines[spine].set_visible(False)
-
-    dominant = best.iloc[0]
+    _annotate(ax, top, roles, layers, norm)
+    _margin_bars(above, side, by_role, by_layer, roles, layers)
+    dominant = top.iloc[0]
     headline = f"dominant: {dominant.site}  ({100 * dominant.share:.1f}% of the score)"
     fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=10, y=0.995)
     fig.text(0.01, 0.005, "cells: % share for the top sites; boxed: the dominant site", fontsize=7, color="#666")

@@ -17,6 +17,7 @@ from ..errors import PlacementError
 from ..families.lora import lora_params
 from ..outputs import RUN_FILE, add_to_run, read_table, command_line, listed_files, read_run, versions, write_json, write_text
 from ..plan.plan import Plan
+from ..probe.registry import ranking_names
 from ..study.compare import formatted_table
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1760px;color:#222;
@@ -146,8 +147,8 @@ def build(run: str | Path) -> str:
         parts.append(_image(files, profile / "heatmap_log.png", "the same on a log colour scale"))
         margins = scores.groupby("role")["share"].sum().sort_values(ascending=False).rename("share").reset_index()
         parts.append("<h2>Role margins</h2>" + _table(margins))
-        columns = [c for c in ("rank", "site", "layer", "role", "share", "rank_lo", "rank_hi", "p_top", "page",
-                               "page_sampled", "grad_energy", "fisher") if c in scores.columns]
+        columns = [c for c in ("rank", "site", "layer", "role", "share", "rank_lo", "rank_hi", "p_top",
+                               *ranking_names()) if c in scores.columns and scores[c].notna().any()]
         parts.append("<h2>Top 20 sites, with bootstrap rank intervals</h2>" + _table(scores[columns].head(20)))
         if files.has(profile / "convergence.png"):
             parts.append("<h2>How many calibration batches</h2>"

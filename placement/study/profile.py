@@ -23,16 +23,22 @@ from ..model.shard import mean_loss, shard
 from ..model.sites import Site, find_sites, fingerprint, num_layers
 from ..outputs import atomic_path, write_csv
 from ..plan.plan import Plan
-from ..plan.ranking import SCORES, agreement_table, concentration, rank, stability
+from ..plan.ranking import agreement_table, concentration, heatmap_tables, rank, stability
 from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
 from ..probe.families import IDENTITY_FAMILIES, FamilyScoring, family_scores
 from ..probe.prompts import PROMPT_FAMILIES, prompt_scores
+from ..probe.registry import ScoreContext, compute_scores, profile_names, ranking_names, score_names
 from ..report.figures import convergence_plot, heatmap
 
 SPECTRUM_K = 64  # the spectrum's length when a score or strategy needs it: ranks 1..64 for allocate
-CSV_COLUMNS = ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "rank_lo", "rank_hi", "p_top",
-               "score", "page_se", "page_sampled", "grad_energy", "fisher", "page_opt", "coherence"]
+
+
+def csv_columns() -> list[str]:
+    """scores.csv's columns, those present kept: the site, page and the ranking, then every other registered score
+    in registration order."""
+    return ["site", "layer", "role", "d_in", "d_out", "page", "share", "rank", "rank_lo", "rank_hi", "p_top",
+            "score"] + [name for name in score_names() if name != "page"]
 
 
 @dataclass
@@ -82,6 +88,9 @@ def checked_settings(settings: ProbeSettings | None, score: str, strategy: Strat
     """The probe settings and strategy, completed (the spectrum when a score or strategy needs it) and checked:
     settings that cannot work fail before the probe spends its minutes."""
     settings = settings or ProbeSettings()
+    if score not in ranking_names():
+        raise PlacementError(f"--score {score} is not a score to rank sites by: choose one of "
+                             f"{', '.join(ranking_names())}")
     if (score == "page_opt" or (strategy is not None and strategy.name == "allocate")) and not settings.spectrum_k:
         settings = replace(settings, spectrum_k=SPECTRUM_K)  # what was asked for needs the spectrum
     settings.check()
@@ -122,11 +131,10 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     settings, strategy = checked_settings(settings, score, strategy, bootstrap)
     sites = find_sites(model)
     block = model_block(model, source, sites)  # before sharding: the weights' dtype and shapes as loaded
-    if fsdp:
-        world = rank_and_world()[1]
-        if len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
-            raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
-                                 f"where every rank runs the same passes: pass a multiple of {world}")
+    world = rank_and_world()[1]
+    if fsdp and len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
+        raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
+                             f"where every rank runs the same passes: pass a multiple of {world}")
     prompts = [f for f in families if f in PROMPT_FAMILIES]  # they change the forward: a pass each
     others = [f for f in families if f != "lora" and f not in prompts]
     if (others or prompts) and fsdp:
@@ -136,6 +144,7 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     loss = mean_loss(shard(model)) if fsdp else None
     with scoring:
         result = probe(model, sites, calib, settings, progress=progress, loss=loss)
+    result.scores = with_registered(result.scores, ScoreContext(model, sites, calib, settings, progress, loss), score)
     other_scores = scoring.frame(len(calib)) if shared else \
         family_scores(model, calib, others, seed=settings.seed) if others else None
     ranked = rank(result.scores, score)
@@ -144,17 +153,8 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         sites_in_order = list(result.scores["site"])
         intervals, curve, stable = stability(result.batch_page, sites_in_order, n=bootstrap, seed=settings.seed)
         ranked = ranked.merge(intervals, on="site", how="left")
-    probe_block = {
-        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
-        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
-        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
-        "spectrum_k": settings.spectrum,
-    }
-    site_rows = [
-        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        for row in ranked[[c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo",
-                                       "rank_hi", "p_top") if c in ranked.columns]].to_dict("records")
-    ]
+    probe_block = probe_record(result, score, data, batch_size, max_length)
+    site_rows = plan_rows(ranked)
     if strategy.name == "allocate":
         spectrum = None if result.spectrum is None else dict(zip(result.scores["site"], result.spectrum))
         strategy = allocate_strategy(strategy.max_params, spectrum, site_rows)
@@ -167,6 +167,32 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
         other_scores = virtual if other_scores is None else pd.concat([other_scores, virtual], ignore_index=True)
     frame = family_frame(families, ranked, other_scores, settings.r) if other_scores is not None else None
     return Profile(result, ranked, plan, score, curve, frame)
+
+
+def probe_record(result: ProbeResult, score: str, data: str, batch_size: int, max_length: int) -> dict:
+    """The plan's `probe` block: what was measured, on what, and how long it took."""
+    settings = result.settings
+    return {
+        "score": score, "mode": settings.mode, "draws": settings.num_draws, "r": settings.r, "alpha": settings.alpha,
+        "seed": settings.seed, "batches": result.batches, "batch_size": batch_size, "max_length": max_length,
+        "tokens": result.tokens, "data": data, "seconds": round(result.seconds, 2), "lora": settings.lora_kwargs(),
+        "spectrum_k": settings.spectrum,
+    }
+
+
+def plan_rows(ranked: pd.DataFrame) -> list[dict]:
+    """The plan's site rows: each site's place in the ranking, as plain Python values."""
+    columns = [c for c in ("site", "layer", "role", "d_in", "d_out", "score", "share", "rank", "rank_lo", "rank_hi",
+                           "p_top") if c in ranked.columns]
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in ranked[columns].to_dict("records")]
+
+
+def with_registered(frame: pd.DataFrame, ctx: ScoreContext, ranking: str) -> pd.DataFrame:
+    """The probe's table joined with the registered scores the profile computes beside the probe (every energy,
+    and the ranking score), each from its own `compute`."""
+    names = profile_names(ranking)
+    return frame.merge(compute_scores(ctx, names), on="site", how="left") if names else frame
 
 
 def summary_lines(summary: dict, profile: Profile, out) -> list[str]:
@@ -199,15 +225,17 @@ def write_profile(profile: Profile, out: str | Path, title: str = "") -> list[Pa
     """scores.csv, plan.json, heatmap.png (and its log-scale twin), and the per-batch scores, each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in CSV_COLUMNS if c in profile.ranked.columns]
+    columns = [c for c in csv_columns() if c in profile.ranked.columns]
     if "nonfinite_batches" in profile.ranked.columns and profile.ranked["nonfinite_batches"].any():
         columns.append("nonfinite_batches")  # half precision overflowed at some sites: say where
     write_csv(out / "scores.csv", profile.ranked[columns])
     profile.plan.save(out / "plan.json")
-    heatmap(profile.ranked, out / "heatmap.png", title=title)
-    heatmap(profile.ranked, out / "heatmap_log.png", title=title, log=True)
+    tables = heatmap_tables(profile.ranked)
+    heatmap(**tables, path=out / "heatmap.png", title=title)
+    heatmap(**tables, path=out / "heatmap_log.png", title=title, log=True)
     written = [out / "score_agreement.csv"]
-    by_score = {name: profile.ranked.set_index("site")[name] for name in SCORES if name in profile.ranked.columns}
+    by_score = {name: profile.ranked.set_index("site")[name] for name in ranking_names()
+                if name in profile.ranked.columns}
     write_csv(out / "score_agreement.csv", agreement_table(by_score))
     if profile.families is not None:
         write_families(profile.families, out, title=title)
@@ -250,7 +278,8 @@ def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> Non
     write_csv(out / "family_scores.csv", frame)
     for family, rows in frame.groupby("family", sort=False):
         if family != "lora" and family not in PROMPT_FAMILIES:  # LoRA's is heatmap.png; prompts have no modules
-            heatmap(rows, out / f"heatmap_{family}.png", title=f"{title}: {family}" if title else family)
+            heatmap(**heatmap_tables(rows), path=out / f"heatmap_{family}.png",
+                    title=f"{title}: {family}" if title else family)
     family_layers(frame, out / "families.png", title=title)
 
 

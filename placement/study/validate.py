@@ -23,24 +23,31 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..errors import PlacementError
-from ..families.lora import lora_params
 from ..model.loss import token_loss
 from ..model.sites import find_sites
 from ..outputs import read_table, write_csv, write_text
 from ..plan.plan import Plan
-from ..plan.selectors import kappa_scores, snr_scores
 from ..plan.strategies import Strategy
+from ..probe.registry import SCORES, ScoreContext, compute_scores, ranking_names, score_names
 from ..report.figures import validation_plot
 from ..train import evaluate as ev
 from ..train.trainer import TrainSettings, apply_plan, train
 from . import stats
 
-# Scores a site can be ranked by: the probe's, the data-free selectors' (sign set so that larger is preferred), and
-# two trivial baselines that any useful score must beat.
-PROBE_SCORES = ("page", "page_sampled", "grad_energy", "fisher", "page_opt")
-SELECTOR_SCORES = ("kappa", "snr")
+# Scores a site can be ranked by, from the registry: the energies (page first), the scores of the weights alone
+# (sign set so that larger is preferred), and two trivial baselines that any useful score must beat.
 BASELINES = ("params", "depth")
 TOP_PAGE = 4  # the page ranking's head is always trained: it is the tool's answer
+
+
+def energy_scores() -> list[str]:
+    """The energies, page first: the probe's, act_norm, and any registered beside them."""
+    return ranking_names()
+
+
+def weight_scores() -> list[str]:
+    """The order-only scores of the weights alone (kappa, snr), the baselines left out."""
+    return [n for n in score_names("weights") if n not in BASELINES and n not in ranking_names()]
 
 
 @dataclass
@@ -84,10 +91,11 @@ def site_scores(ranked: pd.DataFrame, model) -> pd.DataFrame:
     """Every score per site: the profile's columns, the selectors' per-site figures, and the two baselines."""
     frame = ranked.copy()
     sites = [s for s in find_sites(model) if s.name in set(frame["site"])]
-    kappa, snr = kappa_scores(model, sites), snr_scores(model, sites)
-    frame["kappa"] = frame["site"].map(lambda s: -kappa[s])  # PEFT prefers a low condition number
-    frame["snr"] = frame["site"].map(snr)
-    frame["params"] = [lora_params(row, 1) for row in frame[["d_in", "d_out"]].to_dict("records")]
+    missing = [n for n in score_names("weights") if n not in frame.columns]  # the weights alone: no data needed
+    frame = frame.merge(compute_scores(ScoreContext(model, sites), missing), on="site", how="left")
+    for name in missing:
+        if not SCORES[name].higher_is_better:  # e.g. PEFT prefers a low condition number
+            frame[name] = -frame[name]
     frame["depth"] = frame["layer"].astype(float)
     return frame
 
@@ -102,7 +110,7 @@ def choose_sites(scores: pd.DataFrame, n: int | None, seed: int = 0) -> list[str
         raise PlacementError(f"--sites {n} is more than the {len(by_rank)} candidate sites: pass at most "
                              f"{len(by_rank)}, or 'all'")
     chosen = list(by_rank["site"][:TOP_PAGE])
-    for column in PROBE_SCORES[1:] + SELECTOR_SCORES:
+    for column in energy_scores()[1:] + weight_scores():
         if column in scores and scores[column].notna().any():
             chosen.append(scores.loc[scores[column].idxmax(), "site"])
     rng = np.random.default_rng(seed)
@@ -151,7 +159,7 @@ def first_step(model, plan: Plan, batch, val_set: list, tokenizer, lr: float, op
 def correlate(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Per score: Spearman and Kendall with the gain and their bootstrap intervals, hit@1/3/5 and the regret."""
     out = []
-    for column in PROBE_SCORES + SELECTOR_SCORES + BASELINES:
+    for column in energy_scores() + weight_scores() + list(BASELINES):
         if column not in rows or rows[column].isna().all():
             continue
         score, gain = rows[column].to_numpy(float), rows["gain"].to_numpy(float)
@@ -194,15 +202,16 @@ def run_validate(model, tokenizer, ranked: pd.DataFrame, base: Plan, splits, set
     return Validation(sites, correlate(sites, settings.train.seed), base_val)
 
 
-SITE_COLUMNS = ["site", "layer", "role", "params", "rank", *PROBE_SCORES, *SELECTOR_SCORES, "depth",
-                "sgd_drop", "sgd_predicted", "sgd_ratio", "sgd_val_after", "adamw_drop", "adamw_predicted",
-                "adamw_ratio", "adamw_val_after", "val_loss", "gain", "seconds"]
+def site_columns() -> list[str]:
+    return ["site", "layer", "role", "params", "rank", *energy_scores(), *weight_scores(), "depth", "sgd_drop",
+            "sgd_predicted", "sgd_ratio", "sgd_val_after", "adamw_drop", "adamw_predicted", "adamw_ratio",
+            "adamw_val_after", "val_loss", "gain", "seconds"]
 
 
 def write_validation(result: Validation, out: str | Path, title: str = "") -> None:
     """validation.csv (a row per trained site), validation.md (the verdict and the score table), validation.png."""
     out = Path(out)
-    columns = [c for c in SITE_COLUMNS if c in result.sites.columns]
+    columns = [c for c in site_columns() if c in result.sites.columns]
     write_csv(out / "validation.csv", result.sites[columns])
     write_csv(out / "validation_scores.csv", result.correlations)
     text = (f"# {title}\n\n" if title else "") + result.verdict() + "\n\n" + \
