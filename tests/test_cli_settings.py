@@ -25,7 +25,7 @@ def _declared_default(spec, dotted):
         owner = type(value)
         f = next(g for g in fields(owner) if g.name == part)
         value = getattr(value, part)
-    return f, value
+    return owner, f, value
 
 
 def problems(group: click.Group) -> list[str]:
@@ -44,8 +44,8 @@ def problems(group: click.Group) -> list[str]:
             if origin is None:
                 found.append(f"{name}: {spelled} is declared outside the settings dataclasses")
                 continue
-            f, value = _declared_default(*origin)
-            owner = (origin[0].cls.__name__, origin[1])
+            cls, f, value = _declared_default(*origin)
+            owner = (cls.__name__, f.name)
             if owners.setdefault(spelled, owner) != owner:
                 found.append(f"{name}: {spelled} declared by {owner} and by {owners[spelled]}")
             shown = value if value is MISSING else f.metadata.get("show", lambda v: v)(value)
