@@ -143,6 +143,8 @@ def plan_cmd(source, strategy, rank, adapter, export, model, run, output):
 
     if run.out and Path(run.out).is_dir():
         raise PlacementError(f"--out {run.out} is a folder: plan writes one file there; name the file")
+    if export.peft_config and Path(export.peft_config).is_file():
+        raise PlacementError(f"--peft-config {export.peft_config} is a file: name the folder for adapter_config.json")
     new = replan(source, plan_from_source(source, rank.r), strategy.chosen()).with_variant(adapter.variant)
     if model.model:
         new.check(_load(model)[0])

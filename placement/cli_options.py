@@ -43,10 +43,10 @@ class DataArgs:
     data: str = field(metadata={"help": "builtin:arithmetic, a JSON/JSONL/CSV/Parquet file, or a hub data set "
                                         "(stability: one task each, given twice or more)"})
     eval_data: str | None = opt(None, "test data in the same formats (default: held out from --data)")
-    n_test: int | None = opt(None, "test examples [default: 10% of the distinct prompts, at most 100]",
+    n_test: int | None = opt(None, "test examples (unset: 10% of the distinct prompts, at most 100)",
                              option="--test", range=(0, 10 ** 8))
-    n_validation: int | None = opt(None, "validation examples, held out from the training data [default: 10%, at "
-                                         "most 64]", option="--validation", range=(0, 10 ** 8))
+    n_validation: int | None = opt(None, "validation examples, held out from the training data (unset: 10%, at "
+                                         "most 64)", option="--validation", range=(0, 10 ** 8))
 
 
 @dataclass(frozen=True)
