@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, replace
 
+from .distributed import DIST_TIMEOUT
 from .errors import PlacementError
 from .families.lora import VARIANTS
 from .plan.formats import FORMATS
@@ -13,7 +14,6 @@ from .plan.strategies import STRATEGIES, strategy_help
 MODEL_HELP = ("smollm2-135m (embedded, no network), gemma3-270m (from its PyPI package), a hub id, a local model "
               "folder or a .gguf file")
 SCORE_CHOICES = ("page", "page_sampled", "grad_energy", "fisher", "page_opt")  # what profile may rank by
-DIST_TIMEOUT = 300.0  # seconds: a launcher's rank that did not start is named within minutes, not never
 
 
 def opt(default, help: str, **meta):

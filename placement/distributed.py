@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from .errors import PlacementError
 
+DIST_TIMEOUT = 300.0  # seconds: a launcher's rank that did not start is named within minutes, not never
+
 
 def _env_int(name: str, default: int, low: int = 0) -> int:
     """A launch variable as a number; anything else is one line naming it."""
@@ -56,7 +58,7 @@ def local_device(device: str) -> str:
     return device
 
 
-def start(device: str = "cpu", timeout: float = 300.0) -> tuple[int, int]:
+def start(device: str = "cpu", timeout: float = DIST_TIMEOUT) -> tuple[int, int]:
     """Join the launcher's process group (once), waiting at most `timeout` seconds for the other ranks (and as long
     at every exchange after); (rank, world size), (0, 1) without a launcher."""
     if not launched() or dist.is_initialized():
