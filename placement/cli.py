@@ -1,5 +1,6 @@
-"""The `placement` command line: each command parses its options, claims its output folder and calls one study
-function; every user error is one line (`PlacementError`)."""
+"""The `placement` command line: each command receives its settings objects (built from their dataclasses, see
+`cli_settings`), claims its output folder and calls one study function; every user error is one line
+(`PlacementError`)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,19 @@ from pathlib import Path
 
 import click
 
-from .cli_options import (ModelArgs, compare_options, demo_options, launchable, model_options, output_options,
-                          plan_options, probe_options, replan_options, stability_options, train_command_options,
-                          user_errors, validate_options, writes_run)
+from .cli_options import (AdapterArgs, CalibrationArgs, DataArgs, ExportArgs, LaunchArgs, ModelArgs, OutputArgs,
+                          ProfileArgs, RunArgs, SiteListArgs, StrategyArgs, TrainJobArgs, launchable)
+from .cli_settings import given, settings, use, user_errors
+from .errors import PlacementError
 from .outputs import finite, run_folder
+from .plan.strategies import parse_arms
+from .probe.settings import ProbeSettings
+from .study.compare import CompareSettings
+from .study.validate import ValidateSettings
+from .train.trainer import TrainSettings
+
+BATCHING = ("batch_size", "max_length", "seed")  # the batches' shape and order, for commands that only probe
+RUN = ("out", "overwrite", "make_report")
 
 
 def _load(args: ModelArgs, quiet=True):
@@ -27,47 +37,54 @@ def _load(args: ModelArgs, quiet=True):
 
 def _no_fsdp(model: ModelArgs, command: str) -> None:
     if model.fsdp:
-        from .errors import PlacementError
         raise PlacementError(f"--fsdp is for profile, train and compare; {command} runs the model whole on each rank")
 
 
-def _emit(summary: dict, lines: list[str], as_json: bool) -> None:
-    click.echo(json.dumps(finite(summary), indent=2, default=str) if as_json else "\n".join(lines))
+def _no_probe_options(calibration: CalibrationArgs) -> None:
+    """--scores replaces the probe, so the options that shape the probe would be silently ignored."""
+    ignored = [name for name in ("r", "alpha") if given(name)]
+    if calibration.scores and ignored:
+        raise PlacementError(f"--{ignored[0]} shapes the probe, which --scores replaces: the profile's plan fixes "
+                             "the rank and alpha; drop it, or profile again with it")
 
 
-def _finish(out, make_report: bool) -> None:
-    if make_report:
+def _emit(summary: dict, lines: list[str], output: OutputArgs) -> None:
+    click.echo(json.dumps(finite(summary), indent=2, default=str) if output.as_json else "\n".join(lines))
+
+
+def _finish(run: RunArgs) -> None:
+    if run.make_report:
         from .report.html import write_report
-        write_report(out)
+        write_report(run.out)
 
 
 def _log(quiet: bool):
     return (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
 
 
-def _splits(data, eval_data, n_test, n_validation, seed, quiet):
+def _splits(data: DataArgs, seed: int, quiet: bool):
     from .data import load_splits
 
-    splits = load_splits(data, eval_data, n_test, n_validation, seed)
+    splits = load_splits(data.data, data.eval_data, data.n_test, data.n_validation, seed)
     if not quiet:
         click.echo(f"data       {len(splits[0])} training, {len(splits[1])} validation and {len(splits[2])} test "
-                   f"examples ({'from ' + eval_data if eval_data else 'held out'})", err=True)
+                   f"examples ({'from ' + data.eval_data if data.eval_data else 'held out'})", err=True)
     return splits
 
 
-def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_settings, batches, quiet, settings,
-                make_report, then=None, resume=False, scores_folder=None):
+def _comparison(run: RunArgs, model: ModelArgs, output: OutputArgs, settings: CompareSettings, *, data: str, splits,
+                base, probe: ProbeSettings, batches: int, scores=None, then=None):
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
-    with run_folder(out, overwrite=overwrite, resume=resume):
-        lm, tokenizer, source = _load(model, quiet)
-        comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, out, base=base,
-                                          probe_settings=probe_settings, batches=batches, progress=not quiet,
-                                          log=_log(quiet), scores_folder=scores_folder)
+    with run_folder(run.out, overwrite=run.overwrite, resume=run.resume):
+        lm, tokenizer, source = _load(model, output.quiet)
+        comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, run.out, base=base,
+                                          probe_settings=probe, batches=batches, progress=not output.quiet,
+                                          log=_log(output.quiet), scores_folder=scores)
         if then is not None:
             then(base)
-        _finish(out, make_report)
+        _finish(run)
     return comparison, base
 
 
@@ -79,84 +96,83 @@ def main():
 
 
 @main.command()
-@model_options
-@output_options
-@click.option("--include-routers", is_flag=True, help="also list mixture-of-experts routers")
-@user_errors
-def sites(model, as_json, quiet, include_routers):
+@settings(model=ModelArgs, listing=SiteListArgs, output=OutputArgs)
+def sites(model, listing, output):
     """List the candidate adapter sites: every linear map inside the decoder blocks."""
     from .model.sites import find_sites, site_table
 
-    found = find_sites(_load(model)[0], include_routers=include_routers)
-    _emit([s.to_row() for s in found], site_table(found), as_json)
+    found = find_sites(_load(model)[0], include_routers=listing.include_routers)
+    _emit([s.to_row() for s in found], site_table(found), output)
 
 
 @main.command()
-@probe_options
-@writes_run
-def profile(model, data, batches, batch_size, max_length, seed, rank, alpha, rslora, fast, draws, score, spectrum_k,
-            checkpointing, bootstrap, families, strategy, out, overwrite, make_report, as_json, quiet):
+@settings(model=ModelArgs, data=use(DataArgs, "data"), calibration=use(CalibrationArgs, "batches"),
+          batching=use(TrainSettings, *BATCHING, "checkpointing", build=False),
+          probe=use(ProbeSettings, "r", "alpha", "use_rslora", "mode", "draws", "spectrum_k"), chosen=ProfileArgs,
+          strategy=StrategyArgs, run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
+@launchable
+def profile(model, data, calibration, batching, probe, chosen, strategy, run, output, launch):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
     from .data import load_examples
-    from .probe import ProbeSettings
     from .study.profile import parse_families, run_profile, summary_lines, write_profile
 
-    chosen = parse_families(families)
-    settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, mode="fast" if fast else "exact", draws=draws,
-                             use_rslora=rslora, checkpointing=checkpointing, spectrum_k=spectrum_k)
-    settings.check()
-    examples = load_examples(data, seed)  # read the data before the model: a bad file fails in a second
-    with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(model, quiet)
-        result = run_profile(lm, tokenizer, source, data, batches=batches, batch_size=batch_size,
-                             max_length=max_length, settings=settings, score=score, strategy=strategy,
-                             progress=not quiet, examples=examples, bootstrap=bootstrap, fsdp=model.fsdp,
-                             families=tuple(chosen))
-        write_profile(result, out, title=f"{source.name} on {data}: {score}")
-        _finish(out, make_report)
-    summary = result.summary() | {"out": out, "targets": result.plan.targets}
-    _emit(summary, summary_lines(summary, result, out), as_json)
+    families = parse_families(chosen.families)
+    examples = load_examples(data.data, batching.seed)  # read the data before the model: a bad file fails in a second
+    with run_folder(run.out, overwrite=run.overwrite):
+        lm, tokenizer, source = _load(model, output.quiet)
+        result = run_profile(lm, tokenizer, source, data.data, batches=calibration.batches,
+                             batch_size=batching.batch_size, max_length=batching.max_length, settings=probe,
+                             score=chosen.score, strategy=strategy.chosen(), progress=not output.quiet,
+                             examples=examples, bootstrap=chosen.bootstrap, fsdp=model.fsdp, families=tuple(families))
+        write_profile(result, run.out, title=f"{source.name} on {data.data}: {chosen.score}")
+        _finish(run)
+    summary = result.summary() | {"out": run.out, "targets": result.plan.targets}
+    _emit(summary, summary_lines(summary, result, run.out), output)
 
 
 @main.command("plan")
 @click.argument("source", type=click.Path())
-@replan_options
-@plan_options
-@output_options
-@user_errors
-def plan_cmd(source, strategy, rank, variant, fmt, check_model, trust_remote_code, out, peft_config, overwrite,
-             as_json, quiet):
+@settings(strategy=use(StrategyArgs, strategy=None), rank=use(ProbeSettings, "r", r=None, build=False),
+          adapter=AdapterArgs, export=ExportArgs, model=use(ModelArgs, "model", "trust_remote_code", model=None),
+          run=use(RunArgs, "out", "overwrite", out=None), output=OutputArgs)
+def plan_cmd(source, strategy, rank, adapter, export, model, run, output):
     """Make a placement plan from a profile's folder, its scores.csv or a plan file, and write it in --format (our
     plan JSON, PEFT, axolotl, LLaMA-Factory, Spectrum); without --out or --peft-config print it."""
-    from .plan.export import export, plan_from_source, replan
+    from .plan.export import export as write_plan, plan_from_source, replan
     from .plan.formats import render
 
-    new = replan(source, plan_from_source(source, rank), strategy).with_variant(variant)
-    if check_model:
-        new.check(_load(ModelArgs(check_model, trust_remote_code=trust_remote_code))[0])
-    if not out and not peft_config:
-        return click.echo(render(new, fmt), nl=False)
-    _emit(*export(new, out, peft_config, overwrite, fmt), as_json)
+    if run.out and Path(run.out).is_dir():
+        raise PlacementError(f"--out {run.out} is a folder: plan writes one file there; name the file")
+    if export.peft_config and Path(export.peft_config).is_file():
+        raise PlacementError(f"--peft-config {export.peft_config} is a file: name the folder for adapter_config.json")
+    new = replan(source, plan_from_source(source, rank.r), strategy.chosen()).with_variant(adapter.variant)
+    if model.model:
+        new.check(_load(model)[0])
+    if not run.out and not export.peft_config:
+        return click.echo(render(new, export.fmt), nl=False)
+    _emit(*write_plan(new, run.out, export.peft_config, run.overwrite, export.fmt), output)
 
 
 @main.command()
-@stability_options
-@writes_run
-def stability(model, datas, batches, batch_size, max_length, seed, top_k, out, overwrite, make_report, as_json, quiet):
+@settings(model=ModelArgs, data=use(DataArgs, "data", data=()), calibration=use(CalibrationArgs, "batches"),
+          batching=use(TrainSettings, *BATCHING, build=False), top=use(StrategyArgs, "k", k=5, build=False),
+          run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
+@launchable
+def stability(model, data, calibration, batching, top, run, output, launch):
     """Probe one model on several tasks and say how far their site rankings agree (Spearman, Kendall, top-1, top-k)."""
     _no_fsdp(model, "stability")
     from .data import load_examples
     from .study.stability import run_stability, stability_summary, task_names
 
-    task_names(list(datas))
-    examples = {d: load_examples(d, seed) for d in datas}  # every file is read before the model loads
-    with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(model, quiet)
-        table, names, tops = run_stability(lm, tokenizer, source, examples, out, batches=batches,
-                                           batch_size=batch_size, max_length=max_length, seed=seed, top_k=top_k,
-                                           progress=not quiet)
-        _finish(out, make_report)
-    _emit(*stability_summary(table, names, tops, datas, out), as_json)
+    task_names(list(data.data))
+    examples = {d: load_examples(d, batching.seed) for d in data.data}  # every file is read before the model loads
+    with run_folder(run.out, overwrite=run.overwrite):
+        lm, tokenizer, source = _load(model, output.quiet)
+        table, names, tops = run_stability(lm, tokenizer, source, examples, run.out, batches=calibration.batches,
+                                           batch_size=batching.batch_size, max_length=batching.max_length,
+                                           seed=batching.seed, top_k=top.k, progress=not output.quiet)
+        _finish(run)
+    _emit(*stability_summary(table, names, tops, data.data, run.out), output)
 
 
 @main.command()
@@ -170,111 +186,105 @@ def report(run_dir):
 
 
 @main.command("train")
-@train_command_options
-@output_options
-@user_errors
+@settings(job=TrainJobArgs, model=use(ModelArgs, model=None), data=DataArgs, train=TrainSettings,
+          evaluation=use(CompareSettings, "max_new_tokens", build=False),
+          rank=use(ProbeSettings, "r", r=None, build=False), adapter=AdapterArgs,
+          run=use(RunArgs, "out", "overwrite", "resume"), output=OutputArgs, launch=LaunchArgs)
 @launchable
-def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size,
-              max_length, seed, max_new_tokens, rank, variant, save_every, resume, merge, out, overwrite, as_json,
-              quiet):
+def train_cmd(job, model, data, train, evaluation, rank, adapter, run, output, launch):
     """Train a LoRA on a plan's sites, evaluate it, and write a PEFT adapter with metrics.json and loss.csv."""
     from .plan import Plan
-    from .train import TrainSettings, checkpoint_refusal
+    from .train import checkpoint_refusal
     from .train.run import summary_lines, train_and_evaluate
 
-    chosen = Plan.load(plan_path).with_rank(rank).with_variant(variant)
-    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                             save_every=save_every, checkpointing=checkpointing, fsdp=model.fsdp)
-    settings.check(max_new_tokens)
-    train_set, _, test_set = _splits(data, eval_data, n_test, n_validation, seed, quiet)
+    chosen = Plan.load(job.plan).with_rank(rank.r).with_variant(adapter.variant)
+    train_set, _, test_set = _splits(data, train.seed, output.quiet)
     model = replace(model, model=model.model or chosen.model.get("name"))
-    with run_folder(out, overwrite=overwrite, resume=resume, keep_on_error=("checkpoints/",),
-                    refusal_hint=checkpoint_refusal(out)):
-        lm, tokenizer, _ = _load(model, quiet)
-        run, result, metrics = train_and_evaluate(
-            lm, tokenizer, chosen, train_set, test_set, settings, out=out, model_name=model.model,
-            max_new_tokens=max_new_tokens, resume=resume, merge=merge, progress=not quiet,
-            extra={"data": data, "eval_data": eval_data})
-    _emit(metrics, summary_lines(run, result, chosen, test_set, out, merge), as_json)
+    with run_folder(run.out, overwrite=run.overwrite, resume=run.resume, keep_on_error=("checkpoints/",),
+                    refusal_hint=checkpoint_refusal(run.out)):
+        lm, tokenizer, _ = _load(model, output.quiet)
+        result, fitted, metrics = train_and_evaluate(
+            lm, tokenizer, chosen, train_set, test_set, train, out=run.out, model_name=model.model,
+            max_new_tokens=evaluation.max_new_tokens, resume=run.resume, merge=job.merge,
+            progress=not output.quiet, extra={"data": data.data, "eval_data": data.eval_data})
+    _emit(metrics, summary_lines(result, fitted, chosen, test_set, run.out, job.merge), output)
 
 
 @main.command()
-@compare_options
-@writes_run
-def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size, max_length, seed,
-            max_new_tokens, arms, rank, variant, alpha, scores, batches, lr_sweep, lr_grid, sweep_arms, sweep_steps,
-            seeds, resume, out, overwrite, make_report, as_json, quiet):
+@settings(model=ModelArgs, data=DataArgs,
+          train=use(TrainSettings, "steps", "checkpointing", "lr", *BATCHING),
+          compare=use(CompareSettings, "max_new_tokens", "arms", "lr_sweep", "lrs", "sweep_arms", "sweep_steps",
+                      "seeds", build=False),
+          probe=use(ProbeSettings, "r", "alpha"), calibration=CalibrationArgs, adapter=AdapterArgs,
+          run=use(RunArgs, *RUN, "resume"), output=OutputArgs, launch=LaunchArgs)
+@launchable
+def compare(model, data, train, compare, probe, calibration, adapter, run, output, launch):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
-    from .probe import ProbeSettings
-    from .study.compare import CompareSettings, compare_inputs, parse_rates
-    from .train import TrainSettings
+    from .study.compare import compare_inputs, parse_rates
 
-    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                             checkpointing=checkpointing, fsdp=model.fsdp)
-    settings.check(max_new_tokens)
-    probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
-    probe_settings.check()
-    splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
-    parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens, variant)
-    compare_settings = CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, seeds=seeds,
-                                       lrs=parse_rates(lr_grid), max_new_tokens=max_new_tokens,
-                                       sweep_steps=sweep_steps, resume=resume)
-    compare_settings.check()
-    comparison, base = _comparison(out, overwrite, model, data, splits, base, probe_settings, batches, quiet,
-                                   compare_settings, make_report, resume=resume, scores_folder=scores)
-    _emit({"dominant_site": base.dominant_site, "out": out, "rows": comparison.table.to_dict("records")},
-          [comparison.markdown(), f"wrote {out}/comparison.csv, comparison.md, curves.png, arms/"], as_json)
+    _no_probe_options(calibration)
+    splits = _splits(data, train.seed, output.quiet)
+    arms, swept, base = compare_inputs(compare.arms, splits, compare.lr_sweep, compare.sweep_arms, calibration.scores,
+                                       compare.max_new_tokens, adapter.variant)
+    study = CompareSettings(arms, train, lr_sweep=compare.lr_sweep, sweep_arms=swept, seeds=compare.seeds,
+                               lrs=parse_rates(compare.lrs), max_new_tokens=compare.max_new_tokens,
+                               sweep_steps=compare.sweep_steps, resume=run.resume)
+    comparison, base = _comparison(run, model, output, study, data=data.data, splits=splits, base=base,
+                                   probe=probe, batches=calibration.batches, scores=calibration.scores)
+    _emit({"dominant_site": base.dominant_site, "out": run.out, "rows": comparison.table.to_dict("records")},
+          [comparison.markdown(), f"wrote {run.out}/comparison.csv, comparison.md, curves.png, arms/"], output)
 
 
 @main.command()
-@validate_options
-@writes_run
-def validate(model, data, scores, sites, steps, lr, step_lr, batch_size, max_length, seed, n_validation, batches, rank,
-             alpha, out, overwrite, make_report, as_json, quiet):
+@settings(model=ModelArgs, data=use(DataArgs, "data", "n_validation"),
+          validate=use(ValidateSettings, "sites", "train.steps", "train.lr", "step_lr", *(f"train.{name}" for name
+                                                                                         in BATCHING)),
+          probe=use(ProbeSettings, "r", "alpha", spectrum_k=64),  # validate ranks by page_opt too
+          calibration=CalibrationArgs, run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
+@launchable
+def validate(model, data, validate, probe, calibration, run, output, launch):
     """Train one LoRA at each of --sites sites spread over the ranking and say which score predicts the gain."""
     _no_fsdp(model, "validate")
+    _no_probe_options(calibration)
     from .data import load_examples, split_examples
-    from .probe import ProbeSettings
     from .study import validate as study
-    from .train import TrainSettings
 
-    settings = study.ValidateSettings(study.parse_sites(sites), TrainSettings(
-        steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed), step_lr=step_lr)
-    settings.check()
-    probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed, spectrum_k=64)  # validate ranks by page_opt too
-    probe_settings.check()
-    train_set, val_set, _ = split_examples(load_examples(data, seed), test=0, validation=n_validation, seed=seed)
-    given = study.read_scores(scores) if scores else None
-    with run_folder(out, overwrite=overwrite):
-        lm, tokenizer, source = _load(model, quiet)
-        result = study.validate_study(lm, tokenizer, source, data, (train_set, val_set), settings, out, given=given,
-                                      probe_settings=probe_settings, batches=batches, progress=not quiet)
-        _finish(out, make_report)
-    _emit(*study.summary(result, out), as_json)
+    seed = validate.train.seed
+    train_set, val_set, _ = split_examples(load_examples(data.data, seed), test=0, validation=data.n_validation,
+                                           seed=seed)
+    given_scores = study.read_scores(calibration.scores) if calibration.scores else None
+    with run_folder(run.out, overwrite=run.overwrite):
+        lm, tokenizer, source = _load(model, output.quiet)
+        result = study.validate_study(lm, tokenizer, source, data.data, (train_set, val_set), validate, run.out,
+                                      given=given_scores, probe_settings=probe, batches=calibration.batches,
+                                      progress=not output.quiet)
+        _finish(run)
+    _emit(*study.summary(result, run.out), output)
 
 
 @main.command()
-@demo_options
-@output_options
-@user_errors
-def demo(out, batches, steps, n_test, arms, as_json, quiet):
+@settings(run=use(RunArgs, "out", out="runs/demo", overwrite=True, make_report=True),
+          calibration=use(CalibrationArgs, "batches"), train=use(TrainSettings, "steps", steps=60, max_length=64),
+          data=use(DataArgs, "n_test", data="builtin:arithmetic", n_test=60, n_validation=32),
+          compare=use(CompareSettings, "arms", arms=parse_arms("dominant,all-linear"), build=False),
+          output=OutputArgs)
+def demo(run, calibration, train, data, compare, output):
     """Profile the embedded SmolLM2-135M on builtin:arithmetic, plan, train the dominant site and all-linear LoRA
-    on the same data, compare them and write the report folder (no network)."""
+    on the same data, compare them and write the report folder (no network); an earlier demo in --out is
+    replaced."""
     from .plan import Strategy
-    from .probe import ProbeSettings
-    from .study.compare import CompareSettings, compare_inputs, demo_summary
-    from .train import TrainSettings
+    from .study.compare import compare_inputs, demo_summary
 
-    data, settings = "builtin:arithmetic", TrainSettings(steps=steps, batch_size=8, max_length=64, seed=0)
-    settings.check()
-    splits = _splits(data, None, n_test, 32, 0, quiet)
-    parsed, _, _ = compare_inputs(arms, splits, False, None, None, 12)
+    splits = _splits(data, train.seed, output.quiet)
+    arms, _, _ = compare_inputs(compare.arms, splits, False, None, None, 12)
+
     def top4(base):
-        base.with_strategy(Strategy("top-k", k=4)).save(Path(out) / "profile" / "top4.json")
+        base.with_strategy(Strategy("top-k", k=4)).save(Path(run.out) / "profile" / "top4.json")
 
-    comparison, base = _comparison(out, True, ModelArgs("smollm2-135m"), data, splits, None, ProbeSettings(), batches,
-                                   quiet, CompareSettings(parsed, settings, max_new_tokens=12), True, then=top4)
-    _emit(*demo_summary(comparison, base, out), as_json)
+    comparison, base = _comparison(run, ModelArgs(), output, CompareSettings(arms, train, max_new_tokens=12),
+                                   data=data.data, splits=splits, base=None, probe=ProbeSettings(),
+                                   batches=calibration.batches, then=top4)
+    _emit(*demo_summary(comparison, base, run.out), output)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,38 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .errors import PlacementError
 
+DIST_TIMEOUT = 300.0  # seconds: a launcher's rank that did not start is named within minutes, not never
+
+
+def _env_int(name: str, default: int, low: int = 0) -> int:
+    """A launch variable as a number; anything else is one line naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise PlacementError(f"{name}={text!r} is not a whole number of at least {low}: start the command with "
+                             f"torchrun or accelerate launch, or unset {name}")
+    return value
+
 
 def launched() -> bool:
     """Started by a launcher with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _env_int("WORLD_SIZE", 1, low=1) > 1
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -35,23 +54,60 @@ def is_main() -> bool:
 def local_device(device: str) -> str:
     """The device of this rank: under a launcher on GPUs, `cuda` means this process's own GPU (LOCAL_RANK)."""
     if launched() and device in ("cuda", "auto") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return f"cuda:{_env_int('LOCAL_RANK', 0)}"
     return device
 
 
-def start(device: str = "cpu") -> tuple[int, int]:
-    """Join the launcher's process group (once); (rank, world size), (0, 1) without a launcher."""
+def start(device: str = "cpu", timeout: float = DIST_TIMEOUT) -> tuple[int, int]:
+    """Join the launcher's process group (once), waiting at most `timeout` seconds for the other ranks (and as long
+    at every exchange after); (rank, world size), (0, 1) without a launcher."""
     if not launched() or dist.is_initialized():
         return rank_and_world()
+    world = _env_int("WORLD_SIZE", 1, low=1)
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise PlacementError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {missing[0]} is not set: start the "
+        raise PlacementError(f"WORLD_SIZE is {world} but {missing[0]} is not set: start the "
                              "command with torchrun or accelerate launch, or unset WORLD_SIZE")
+    rank = _env_int("RANK", 0)
+    if rank >= world:
+        raise PlacementError(f"RANK={rank} is not below WORLD_SIZE={world}: start the command with torchrun or "
+                             "accelerate launch")
+    _env_int("MASTER_PORT", 0)
     gpu = local_device(device).startswith("cuda")
     if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if gpu else "gloo")
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+    try:
+        with _native_stderr_silenced():  # torch's C++ store logs every retry, frames and all, to stderr
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+    except dist.DistError as err:  # the store timed out or could not be reached
+        raise PlacementError(_absent(rank, world, timeout, str(err))) from None
     return rank_and_world()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _absent(rank: int, world: int, timeout: float, error: str) -> str:
+    """One line for a process group that never formed: which rank waited, and which did not come."""
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        joined = re.search(r"(\d+)/\d+ clients joined", error)
+        came = f" ({joined[1]} of {world} joined)" if joined else ""
+        absent = "rank 1" if world == 2 else f"some of ranks 1 to {world - 1}"
+    else:
+        came, absent = "", "rank 0"
+    return (f"rank {rank} waited {timeout:g} s at {where} and {absent} did not come{came}: start all {world} "
+            "processes with torchrun or accelerate launch, or give them longer with --dist-timeout")
 
 
 def stop() -> None:

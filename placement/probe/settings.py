@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import PlacementError
 
@@ -13,12 +13,21 @@ MODES = ("exact", "fast")
 class ProbeSettings:
     """What a probe computes; every LoraConfig argument that changes the scores is here and goes into the plan."""
 
-    r: int = 8
-    alpha: float = 16
+    # Fields with a "help" are command-line options too (placement/cli_settings.py builds them); seed and
+    # checkpointing arrive from the options of the same name that TrainSettings declares.
+    r: int = field(default=8, metadata={
+        "help": "LoRA rank: the one the scores assume, of arms without :rN, of every validated site (plan and "
+                "train: the plan's unless given)", "range": (1, 2 ** 16)})
+    alpha: float = field(default=16, metadata={
+        "help": "LoRA alpha at rank --r: it scales every score; arms keep alpha / r", "range": (0, 1e6)})
     seed: int = 0
-    mode: str = "exact"
-    draws: int = 8  # draws of A in fast mode; exact mode uses PEFT's one draw for page_sampled
-    use_rslora: bool = False
+    mode: str = field(default="exact", metadata={
+        "help": "never form a weight-sized gradient; page is estimated over --draws", "option": "--fast",
+        "flag": "fast"})
+    draws: int = field(default=8, metadata={  # exact mode uses PEFT's one draw for page_sampled
+        "help": "draws of lora_A in --fast mode", "range": (1, 2 ** 16)})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "score for rsLoRA scaling, alpha / sqrt(r)", "option": "--rslora"})
     lora_dropout: float = 0.0  # recorded for the plan; the probe itself runs without dropout
     bias: str = "none"
     init_lora_weights: bool | str = True
@@ -26,7 +35,12 @@ class ProbeSettings:
     checkpointing: bool = False
     # exact mode: the top sigma_i(G)^2 kept per site, for page_opt and rank allocation; 0: none. Off by default: on
     # short sequences it costs two N x N eigendecompositions per site and batch, several times the probe itself.
-    spectrum_k: int = 0
+    spectrum_k: int = field(default=0, metadata={
+        "help": "top singular values of each site's gradient to keep (exact probe) for page_opt and rank "
+                "allocation; 64 when --score page_opt or --strategy allocate asks for them", "range": (0, 2 ** 16)})
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
         if self.mode not in MODES:

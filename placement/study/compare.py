@@ -54,16 +54,31 @@ def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectru
 
 @dataclass
 class CompareSettings:
-    arms: list[Arm]
+    # Fields with a "help" are command-line options too (placement/cli_settings.py builds them; "{arms}" is the
+    # arm grammar's help); resume arrives from the run's --resume.
+    arms: list[Arm] = field(default_factory=lambda: parse_arms("dominant,all-linear,attn-qv,ffn,last-2,random-1,"
+                                                               "top-4"), metadata={
+        "help": "comma-separated: {arms}", "show": lambda arms: ",".join(arm.label for arm in arms)})
     train: TrainSettings = field(default_factory=TrainSettings)
-    lr_sweep: bool = False
-    sweep_arms: list[str] | None = None  # labels; None sweeps every arm
-    lrs: tuple[float, ...] = SWEEP_LRS
+    lr_sweep: bool = field(default=False, metadata={
+        "help": "sweep 1e-4 .. 1e-2 per arm on seed 0 by validation loss (one step past an edge)"})
+    sweep_arms: list[str] | None = field(default=None, metadata={  # labels; None sweeps every arm
+        "help": "comma-separated arms to sweep (default: all)"})
+    lrs: tuple[float, ...] = field(default=SWEEP_LRS, metadata={
+        "help": "comma-separated rates for --lr-sweep instead of 1e-4 .. 1e-2", "option": "--lr-grid",
+        "show": lambda lrs: None if tuple(lrs) == SWEEP_LRS else ",".join(map(str, lrs))})
     eval_batch_size: int = 16
-    max_new_tokens: int = 32
-    seeds: int = 1  # each arm trained with seeds 0 .. seeds-1 (data order and lora_A)
-    sweep_steps: int | None = None  # steps of each sweep run (default: the training's)
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "generation length for exact match", "range": (1, 2 ** 16)})
+    seeds: int = field(default=1, metadata={  # each arm trained with seeds 0 .. seeds-1 (data order and lora_A)
+        "help": "seeds per arm (data order and lora_A); intervals over seeds, else over test questions",
+        "range": (1, 10 ** 4)})
+    sweep_steps: int | None = field(default=None, metadata={  # None: the training's
+        "help": "steps of each sweep run (default: --steps)", "range": (1, 10 ** 9)})
     resume: bool = False  # keep the arms an earlier run of the same settings finished
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def val_loss(self, model, tokenizer, val_set: list) -> float:
         """Held-out loss on the validation split (NaN without one): what the sweep and the table judge by."""
@@ -83,6 +98,12 @@ class CompareSettings:
         bad = [lr for lr in self.lrs if not (lr > 0 and math.isfinite(lr))]
         if bad:
             raise PlacementError(f"the learning-rate grid holds {bad[0]}: every rate must be positive")
+        twice = sorted({lr for lr in self.lrs if list(self.lrs).count(lr) > 1})
+        if twice:
+            raise PlacementError(f"the learning-rate grid holds {twice[0]:g} twice: list each rate once")
+        if not self.lr_sweep and (self.sweep_arms is not None or tuple(self.lrs) != SWEEP_LRS):
+            given = "--sweep-arms" if self.sweep_arms is not None else "--lr-grid"
+            raise PlacementError(f"{given} only shapes the learning-rate sweep: add --lr-sweep, or drop {given}")
         for arm in self.arms:
             length = arm.size or DEFAULT_LENGTH
             if arm_family(arm) in PROMPT_FAMILIES and length > self.train.max_length:

@@ -18,6 +18,7 @@ from .. import data as data_mod
 from ..data.examples import load_examples  # noqa: F401  (documented here: placement.profile.load_examples)
 from ..distributed import rank_and_world
 from ..errors import PlacementError
+from ..families import family_names
 from ..model.load import ModelSource
 from ..model.shard import mean_loss, shard
 from ..model.sites import Site, find_sites, fingerprint, num_layers
@@ -283,13 +284,11 @@ def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> Non
     family_layers(frame, out / "families.png", title=title)
 
 
-FAMILY_NAMES = ("lora",) + IDENTITY_FAMILIES + PROMPT_FAMILIES
-
-
 def parse_families(spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAMILY_NAMES]
+    known = family_names()  # read now: a family registered after import is a choice too
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise PlacementError(f"unknown adapter family '{unknown[0] if unknown else spec}': choose from "
-                             f"{', '.join(FAMILY_NAMES)}")
+                             f"{', '.join(known)}")
     return names

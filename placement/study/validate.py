@@ -52,13 +52,19 @@ def weight_scores() -> list[str]:
 
 @dataclass
 class ValidateSettings:
-    sites: int | None = 24  # None: every site
+    # Fields with a "help" are command-line options too (placement/cli_settings.py builds them).
+    sites: int | None = field(default=24, metadata={  # None: every site
+        "help": "sites to train, spread over the ranking, or 'all'", "parse": lambda text: parse_sites(text),
+        "show": lambda n: "all" if n is None else str(n), "range": (1, 10 ** 6)})
     train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=60))
-    step_lr: float = 1e-4
+    step_lr: float = field(default=1e-4, metadata={
+        "help": "learning rate of the first-step drops (SGD and AdamW on B alone)", "range": (0, 10)})
     eval_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        self.check()  # the training settings checked themselves when they were made
+
     def check(self) -> None:
-        self.train.check()
         if self.sites is not None and self.sites < 1:
             raise PlacementError(f"--sites {self.sites} trains nothing: pass a positive number or 'all'")
         if not (self.step_lr > 0 and math.isfinite(self.step_lr)):

@@ -47,17 +47,26 @@ class TrainError(PlacementError):
 
 @dataclass
 class TrainSettings:
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 256
+    # Fields with a "help" are command-line options too (placement/cli_settings.py builds them).
+    steps: int = field(default=200, metadata={
+        "help": "training steps (per arm in compare, per site in validate)", "range": (1, 10 ** 9)})
+    lr: float = field(default=1e-3, metadata={
+        "help": "peak learning rate (validate: the same for every site)", "range": (0, 10)})
+    batch_size: int = field(default=8, metadata={"help": "examples per batch", "range": (1, 2 ** 16)})
+    max_length: int = field(default=256, metadata={"help": "tokens per example, at most", "range": (1, 2 ** 20)})
     warmup: float = 0.1  # fraction of steps
     clip: float = 1.0
     weight_decay: float = 0.0
-    seed: int = 0
-    save_every: int = 0  # steps between checkpoints; 0 saves none
-    checkpointing: bool = False  # gradient checkpointing: activations recomputed in the backward, less memory
+    seed: int = field(default=0, metadata={  # numpy's generators take at most 2**32 - 1
+        "help": "data order, lora_A draw and splits", "range": (0, 2 ** 32 - 1)})
+    save_every: int = field(default=0, metadata={  # steps between checkpoints; 0 saves none
+        "help": "checkpoint every N steps (0: never)", "range": (0, 10 ** 9)})
+    checkpointing: bool = field(default=False, metadata={  # activations recomputed in the backward
+        "help": "gradient checkpointing: less memory, one more forward"})
     fsdp: bool = False  # shard the model over the launcher's ranks with FSDP2 (model.shard)
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self, max_new_tokens: int | None = None) -> None:
         """Refuse settings that cannot train (and a generation length that generates nothing)."""
