@@ -191,7 +191,7 @@ class Workbench:
             del run
         except TrainError:  # a rate that diverges for this plan is a bad trial, not a failed study
             val, last = math.inf, math.nan
-        return {"val_loss": val, "params": plan.trainable_params, "train_loss": last,
+        return {"val_loss": val, "params": plan.trainable_params, "train_loss": last, "sites": sites_key(plan),
                 "seconds": round(time.perf_counter() - began, 3)}
 
     def entries(self) -> dict:
@@ -206,6 +206,14 @@ def trial_splits(splits: tuple, settings: RecommendSettings) -> tuple:
     train_set = list(splits[0])
     random.Random(settings.seed).shuffle(train_set)
     return (train_set[:ETA * settings.trial_steps * settings.batch_size],) + tuple(splits[1:])
+
+
+def sites_key(plan: Plan) -> str:
+    """What two selectors share when they choose the same sites at the same ranks."""
+    import hashlib
+
+    ranks = {t: plan.peft.get("rank_pattern", {}).get(t, plan.peft["r"]) for t in plan.targets}
+    return hashlib.sha256(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_trials(bench: Workbench, queue: tq.TrialQueue, progress: bool = False, log=print) -> dict:

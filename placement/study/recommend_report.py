@@ -20,7 +20,7 @@ DECISION = "recommendation.json"
 def trials_frame(results: dict, full: int) -> pd.DataFrame:
     """One row per finished trial; `full` is all-linear's parameters at the probe's rank."""
     rows = [{k: r[k] for k in ("stage", "selector", "budget", "seed", "steps", "lr", "params", "val_loss",
-                               "train_loss", "seconds")} for r in results.values()]
+                               "train_loss", "seconds", "sites")} for r in results.values()]
     frame = pd.DataFrame(rows).sort_values(["stage", "budget", "selector", "lr", "seed"], kind="stable")
     frame.insert(frame.columns.get_loc("params") + 1, "params_pct", 100 * frame["params"] / full)
     return frame.reset_index(drop=True)
@@ -29,7 +29,7 @@ def trials_frame(results: dict, full: int) -> pd.DataFrame:
 def _summaries(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
     longer = frame[(frame.stage == "rung1") & (frame.budget == budget)]
     return longer.groupby("selector").agg(mean=("val_loss", "mean"), lo=("val_loss", "min"), hi=("val_loss", "max"),
-                                          params=("params", "first")).reset_index()
+                                          params=("params", "first"), sites=("sites", "first")).reset_index()
 
 
 def decide(frame: pd.DataFrame) -> dict[str, dict]:
@@ -44,10 +44,11 @@ def decide(frame: pd.DataFrame) -> dict[str, dict]:
         spread = float(best.hi - best.lo)
         close = table[table["mean"] <= best["mean"] + spread]
         winner = close.sort_values(["params", "mean", "selector"]).iloc[0]
-        others = table[table.selector != winner.selector]
+        others = table[table.sites != winner.sites]  # the runner-up is another choice of sites, not a synonym
         page = table[table.selector == "page"]
         out[budget] = {
             "selector": winner.selector, "params": int(winner.params), "val_loss": float(winner["mean"]),
+            "same_sites": sorted(table[(table.sites == winner.sites) & (table.selector != winner.selector)].selector),
             "spread": float(winner.hi - winner.lo), "runner_up": others.iloc[0].selector if len(others) else None,
             "margin_runner_up": float(others.iloc[0]["mean"] - winner["mean"]) if len(others) else None,
             "margin_page": float(page.iloc[0]["mean"] - winner["mean"]) if len(page) else None,
@@ -68,7 +69,8 @@ def markdown(decision: dict, full: int, settings) -> str:
              "| budget | recommended | params | % all-linear | val loss | spread | runner-up | margin | margin over page |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for budget, d in decision.items():
-        lines.append(f"| {budget} | {d['selector']} | {d['params']:,} | {100 * d['params'] / full:.2f} | "
+        same = f" (= {', '.join(d['same_sites'])})" if d["same_sites"] else ""
+        lines.append(f"| {budget} | {d['selector']}{same} | {d['params']:,} | {100 * d['params'] / full:.2f} | "
                      f"{_number(d['val_loss'])} | {_number(d['spread'])} | {d['runner_up'] or '-'} | "
                      f"{_number(d['margin_runner_up'])} | {_number(d['margin_page'])} |")
     lines += ["", "A margin is the other plan's mean validation loss minus the recommended one's: positive favours "
@@ -104,7 +106,7 @@ def plan_file(budget: str) -> str:
 
 def recommended(plan: Plan, budget: str, d: dict, settings) -> Plan:
     provenance = {"kind": "recommend", "budget": budget, "selector": d["selector"], "val_loss": d["val_loss"],
-                  "spread": d["spread"], "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
+                  "spread": d["spread"], "same_sites": d["same_sites"], "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
                   "margin_page": d["margin_page"], "steps": 3 * settings.trial_steps, "seeds": [0, 1],
                   "finalists": [{k: f[k] for k in ("selector", "mean", "lo", "hi", "params")} for f in d["finalists"]]}
     strategy = dict(plan.strategy, name="recommended", label=f"recommended-{budget}", source=d["selector"])
