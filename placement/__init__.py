@@ -11,3 +11,9 @@ def apply(model, plan, **kwargs):
     """The plan's LoRA on `model` (a plan, a plan file or a profile folder); see `placement.train.apply.apply`."""
     from .train.apply import apply as _apply
     return _apply(model, plan, **kwargs)
+
+
+def recommend(model, data, budgets="1%,2.5%,5%", out="recommend", **kwargs):
+    """The plan to follow at each budget, chosen by trials; see `placement.study.recommend.recommend`."""
+    from .study.recommend import recommend as _recommend
+    return _recommend(model, data, budgets, out, **kwargs)

@@ -277,5 +277,10 @@ def demo(out, batches, steps, n_test, arms, as_json, quiet):
     _emit(*demo_summary(comparison, base, out), as_json)
 
 
+from .cli_recommend import recommend_cmd  # noqa: E402  (its own module: the recommend study's options)
+
+main.add_command(recommend_cmd)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ REQUIRED = ("schema", "model", "probe", "sites", "strategy", "targets", "peft")
 @dataclass
 class Plan:
     """A placement plan; `to_json()` is the file format, `schema: placement-plan/1`."""
-
     model: dict
     probe: dict
     sites: list[dict]

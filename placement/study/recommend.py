@@ -19,7 +19,6 @@ import copy
 import gc
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,9 +28,9 @@ from ..plan.budget import Pick, budget_label, budget_params, get_selector
 from ..plan.plan import Plan
 from ..plan.strategies import Strategy
 from . import trials as tq
+from .rungs import Workbench, run_trials, trial_count, trial_splits
 
 DEFAULT_SELECTORS = ("page", "lookahead", "lora_drop", "snr", "kappa", "params", "down", "ffn")
-ETA = 3
 SETTINGS = "recommend.json"
 PLANS = "plans"
 
@@ -98,137 +97,6 @@ def entry_name(selector: str, budget: str) -> str:
     return f"{selector}@{budget}".replace("%", "pct")
 
 
-# -- the schedule: a pure function of the finished trials ------------------------------------------------------
-def _key(stage, selector, budget, seed, steps, lr) -> dict:
-    return dict(stage=stage, selector=selector, budget=budget, seed=seed, steps=steps, lr=lr)
-
-
-def _value(results: dict, key: dict) -> float | None:
-    found = results.get(tq.key_text(key))
-    return None if found is None else found["value"]
-
-
-def budget_rates(results: dict, entries: dict, settings: RecommendSettings) -> dict[str, float] | None:
-    """Each budget's rate from the sweep on page's plan (None until every sweep trial is done)."""
-    rates = {}
-    for budget in {b for _, b in entries}:
-        losses = {lr: _value(results, _key("rung0", "page", budget, 0, settings.trial_steps, lr))
-                  for lr in settings.rates}
-        if any(v is None for v in losses.values()):
-            return None
-        rates[budget] = min(sorted(losses), key=lambda lr: losses[lr])
-    return rates
-
-
-def promoted(results: dict, entries: dict, rates: dict, settings: RecommendSettings) -> dict[str, list[str]]:
-    """The best third at each budget by rung-0 validation loss, and page's plan as the reference."""
-    out = {}
-    for budget, rate in rates.items():
-        rows = [(_value(results, _key("rung0", sel, budget, 0, settings.trial_steps, rate)), entries[sel, budget], sel)
-                for sel, b in entries if b == budget]
-        ranked = [sel for _, _, sel in sorted(rows, key=lambda row: (row[0], row[1], row[2]))
-                  if not sel.startswith("random")]  # a random draw is a control, never recommended
-        keep = ranked[:math.ceil(len(ranked) / ETA)]
-        out[budget] = keep + ([] if "page" in keep else ["page"])
-    return out
-
-
-def schedule(results: dict, entries: dict, settings: RecommendSettings) -> list[dict] | None:
-    """The keys the schedule needs now, given the finished results; None when it is done. `entries` maps
-    (selector, budget) to the plan's trainable parameters."""
-    t = settings.trial_steps
-    budgets = sorted({b for _, b in entries})
-    sweep = [_key("rung0", "page", b, 0, t, lr) for b in budgets for lr in settings.rates]
-    rates = budget_rates(results, entries, settings)
-    if rates is None:
-        return sweep
-    rung0 = [_key("rung0", sel, b, 0, t, rates[b]) for sel, b in entries]
-    if any(tq.key_text(k) not in results for k in rung0):
-        return rung0
-    rung1 = [_key("rung1", sel, b, seed, ETA * t, rates[b])
-             for b, sels in promoted(results, entries, rates, settings).items() for sel in sels for seed in (0, 1)]
-    if any(tq.key_text(k) not in results for k in rung1):
-        return rung1
-    return None
-
-
-def trial_count(entries: dict, settings: RecommendSettings) -> tuple[int, int]:
-    """(trials, training steps) the schedule will run at most."""
-    trials = steps = 0
-    for budget in {b for _, b in entries}:
-        n = sum(1 for _, b in entries if b == budget)
-        top = math.ceil(n / ETA) + 1  # + page, when it is not among them
-        trials += len(settings.rates) - 1 + n + 2 * top
-        steps += settings.trial_steps * (len(settings.rates) - 1 + n) + 2 * top * ETA * settings.trial_steps
-    return trials, steps
-
-
-# -- running trials ----------------------------------------------------------------------------------------------
-@dataclass
-class Workbench:
-    """What a worker needs to run any trial of a run: the model, the splits, the plans."""
-
-    model: object
-    tokenizer: object
-    splits: tuple
-    plans: dict  # (selector, budget) -> Plan
-    settings: RecommendSettings
-
-    def run(self, key: dict) -> dict:
-        from ..train import evaluate as ev
-        from ..train.trainer import TrainError, TrainSettings, train
-
-        plan = self.plans[key["selector"], key["budget"]]
-        s = self.settings
-        train_settings = TrainSettings(steps=key["steps"], lr=key["lr"], batch_size=s.batch_size,
-                                       max_length=s.max_length, seed=key["seed"])
-        began = time.perf_counter()
-        try:
-            run = train(copy.deepcopy(self.model), self.tokenizer, plan, self.splits[0], train_settings)
-            val = ev.mean_loss(run.model, self.tokenizer, self.splits[1], batch_size=s.eval_batch_size,
-                               max_length=s.max_length)
-            last = run.losses[-1]
-            del run
-        except TrainError:  # a rate that diverges for this plan is a bad trial, not a failed study
-            val, last = math.inf, math.nan
-        return {"val_loss": val, "params": plan.trainable_params, "train_loss": last, "sites": sites_key(plan),
-                "seconds": round(time.perf_counter() - began, 3)}
-
-    def entries(self) -> dict:
-        return {key: plan.trainable_params for key, plan in self.plans.items()}
-
-
-def trial_splits(splits: tuple, settings: RecommendSettings) -> tuple:
-    """The training examples trials draw from: one seeded epoch of the longest trial, so every trial sees the same
-    examples in the same order and none renders the whole training split; validation and test as they are."""
-    import random
-
-    train_set = list(splits[0])
-    random.Random(settings.seed).shuffle(train_set)
-    return (train_set[:ETA * settings.trial_steps * settings.batch_size],) + tuple(splits[1:])
-
-
-def sites_key(plan: Plan) -> str:
-    """What two selectors share when they choose the same sites at the same ranks."""
-    import hashlib
-
-    ranks = {t: plan.peft.get("rank_pattern", {}).get(t, plan.peft["r"]) for t in plan.targets}
-    return hashlib.sha256(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def run_trials(bench: Workbench, queue: tq.TrialQueue, progress: bool = False, log=print) -> dict:
-    """Work on the run's trials until the schedule is done (with a bar and an ETA)."""
-    from tqdm.auto import tqdm
-
-    entries = bench.entries()
-    total = trial_count(entries, bench.settings)[0]
-    bar = tqdm(total=total, desc="trials", disable=not progress, initial=len(queue.results()))
-    results = tq.work(queue, lambda done: schedule(done, entries, bench.settings), bench.run,
-                      on_done=lambda key: bar.update(1))
-    bar.close()
-    return results
-
-
 def read_run_settings(folder: str | Path) -> dict:
     path = Path(folder) / SETTINGS
     if not path.is_file():
@@ -264,12 +132,39 @@ def to_record(settings: RecommendSettings) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-def estimate(model, tokenizer, splits, entries: dict, settings: RecommendSettings, base_plan: Plan) -> dict:
+def dry_entries(model, settings: RecommendSettings, entrants=(), log=print) -> dict:
+    """(selector, budget) -> 0 for every entry the run will train, found without probing: role selectors that
+    cannot fit rank 1 and entrants over a budget are left out, as the run leaves them."""
+    from ..plan.budget import pick
+    from .candidates import entrant_plans
+
+    rows = site_rows(model)
+    budgets = budgets_of(rows, settings)
+    entries = {}
+    for budget, max_params in budgets.items():
+        for name in dict.fromkeys(("page",) + tuple(settings.selectors)):
+            selector = get_selector(name)
+            if selector.rule != "role" or not pick(selector, rows, None, max_params, settings.r).skipped:
+                entries[name, budget] = 0
+    return entries | {key: 0 for key in entrant_plans(list(entrants), model, budgets, log)}
+
+
+def all_linear(model, settings: RecommendSettings) -> Plan:
+    from ..model.sites import find_sites, fingerprint
+
+    sites = find_sites(model)
+    rows = [row | {"score": 0.0, "share": 0.0, "rank": i + 1} for i, row in enumerate(site_rows(model))]
+    block = {"name": "", "num_sites": len(sites), "fingerprint": fingerprint(sites)}
+    return Plan.build(model=block, probe={"r": settings.r}, sites=rows, strategy=Strategy("all-linear"),
+                      peft=settings.probe_settings().lora_kwargs())
+
+
+def estimate(model, tokenizer, splits, entries: dict, settings: RecommendSettings) -> dict:
     """The trial count, training steps, and time at all-linear's measured step time (smaller plans are faster)."""
     from ..train.trainer import TrainSettings, train
 
     trials, steps = trial_count(entries, settings)
-    full = base_plan.with_strategy(Strategy("all-linear"))
+    full = all_linear(model, settings)
     run = train(copy.deepcopy(model), tokenizer, full, splits[0],
                 TrainSettings(steps=3, lr=1e-4, batch_size=settings.batch_size, max_length=settings.max_length))
     per_step = run.sec_per_step
@@ -310,7 +205,11 @@ def save_run(folder: Path, source_name: str, data: str, settings: RecommendSetti
 
 
 def open_queue(folder: Path, storage: str | None, create: bool) -> tq.TrialQueue:
-    return tq.TrialQueue(storage or tq.default_storage(folder), create=create)
+    queue = tq.TrialQueue(storage or tq.default_storage(folder), create=create)
+    if create and storage is None:
+        from ..outputs import record
+        record(tq.default_storage(folder))  # the run's own file: replaced with the run, kept by --resume
+    return queue
 
 
 def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettings, out: str | Path, *,
@@ -323,7 +222,7 @@ def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettin
     splits, budgets, base, plans = prepare(model, tokenizer, source, data, settings, entrants=entrants, log=log,
                                            progress=progress)
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), plans, settings)
-    log(cost_line(estimate(model, tokenizer, bench.splits, bench.entries(), settings, base)))
+    log(cost_line(estimate(model, tokenizer, bench.splits, bench.entries(), settings)))
     save_run(folder, source.name, data, settings, plans, storage or tq.default_storage(folder))
     results = run_trials(bench, open_queue(folder, storage, create=True), progress, log)
     full = sum(settings.r * (row["d_in"] + row["d_out"]) for row in base.sites)
@@ -343,3 +242,31 @@ def join_recommend(folder: str | Path, *, storage: str | None = None, device: st
     splits = load_splits(record["data"], None, settings.test, settings.validation, settings.seed)
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), load_plans(folder, record), settings)
     return run_trials(bench, queue, progress, log)
+
+
+def dry_run(model, tokenizer, data: str, settings: RecommendSettings, entrants=(), log=print) -> dict:
+    """The cost line of a run, without probing or writing anything."""
+    from ..data import load_splits
+
+    settings.check()
+    splits = load_splits(data, None, settings.test, settings.validation, settings.seed)
+    cost = estimate(model, tokenizer, trial_splits(splits, settings), dry_entries(model, settings, entrants, log),
+                    settings)
+    log(cost_line(cost))
+    return cost
+
+
+def recommend(model: str, data: str, budgets="1%,2.5%,5%", out: str | Path = "recommend", *, storage=None,
+              entrants=(), overwrite: bool = False, progress: bool = True, **settings) -> dict:
+    """`placement recommend` in Python: the recommended plan per budget, written to `out` (see the README)."""
+    from ..model.load import load
+    from ..outputs import run_folder
+    from ..plan.budget import parse_budgets
+
+    chosen = RecommendSettings(budgets=parse_budgets(budgets) if isinstance(budgets, str) else list(budgets),
+                               **settings)
+    chosen.check()
+    with run_folder(out, overwrite=overwrite):
+        lm, tokenizer, source = load(model)
+        return run_recommend(lm, tokenizer, source, data, chosen, out, storage=storage, entrants=entrants,
+                             progress=progress)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import PlacementError
-from ..outputs import write_csv, write_text
+from ..outputs import write_csv, write_json, write_text
 from ..plan.plan import Plan
 
 RECOMMENDATION = "recommendation.md"
@@ -122,7 +122,7 @@ def write_outputs(folder, results: dict, plans: dict, full: int, settings) -> di
         recommended(plans[d["selector"], budget], budget, d, settings).save(folder / plan_file(budget))
     pareto(frame, decision, folder / "pareto.png")
     write_text(folder / RECOMMENDATION, markdown(decision, full, settings))
-    write_text(folder / DECISION, json.dumps(decision, indent=2, default=float))
+    write_json(folder / DECISION, decision)
     return decision
 
 
