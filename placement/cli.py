@@ -277,9 +277,9 @@ def demo(out, batches, steps, n_test, arms, as_json, quiet):
     _emit(*demo_summary(comparison, base, out), as_json)
 
 
-from .cli_recommend import recommend_cmd  # noqa: E402  (its own module: the recommend study's options)
+from .cli_recommend import register  # noqa: E402  (its own module: the recommend study's options)
 
-main.add_command(recommend_cmd)
+register(main)
 
 
 if __name__ == "__main__":

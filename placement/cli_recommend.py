@@ -88,3 +88,35 @@ def _run(rec, model, data, settings, out, storage, entrants, dry_run, overwrite,
         lm, tokenizer, source = load(model, device=device, quiet=quiet)
         return rec.run_recommend(lm, tokenizer, source, data, settings, out, storage=storage, entrants=entrants,
                                  progress=not quiet, log=log)
+
+
+def _plan_reads_recommendations(plan_command: click.Command) -> None:
+    """`placement plan RUN --strategy recommended --budget P%` is `placement plan RUN/plan-P%.json`: the plan
+    command's own rendering and export, on the recommendation folder's plan at that budget."""
+    strategy = next(p for p in plan_command.params if p.name == "strategy")
+    strategy.type = click.Choice(list(strategy.type.choices) + ["recommended"])
+    strategy.help = (strategy.help or "") + "; recommended: the plan a recommend run chose at --budget"
+    plan_command.params.append(click.Option(["--budget"], help="with --strategy recommended: the budget, e.g. 2.5%"))
+    original = plan_command.callback
+
+    def callback(*args, budget=None, **kwargs):
+        if kwargs.get("strategy") == "recommended":
+            from .study.recommend_report import recommended_plan, recommended_path
+
+            if not budget:
+                raise click.ClickException("--strategy recommended needs --budget, e.g. --budget 2.5%")
+            try:
+                recommended_plan(kwargs["source"], budget)
+            except PlacementError as err:
+                raise click.ClickException(str(err).splitlines()[0]) from None
+            kwargs.update(source=str(recommended_path(kwargs["source"], budget)), strategy=None)
+        elif budget:
+            raise click.ClickException("--budget means nothing without --strategy recommended: drop it")
+        return original(*args, **kwargs)
+    plan_command.callback = callback
+
+
+def register(main: click.Group) -> None:
+    """Add `recommend` to the command line, and the recommended strategy to `plan`."""
+    main.add_command(recommend_cmd)
+    _plan_reads_recommendations(main.commands["plan"])

@@ -99,6 +99,9 @@ def test_recommend_end_to_end_and_join_on_a_finished_run(invoke, model_dir, data
     trials = pd.read_csv(out / "trials.csv")
     assert set(trials.stage) == {"rung0", "rung1"} and not trials.duplicated(
         ["stage", "selector", "budget", "seed", "steps", "lr"]).any()
+    shown = invoke("plan", out, "--strategy", "recommended", "--budget", "20%", "--out", tmp_path / "p.json")
+    assert shown.exit_code == 0, shown.output
+    assert Plan.load(tmp_path / "p.json").targets == plan.targets
     joined = invoke("recommend", "--join", out, "--quiet")
     assert joined.exit_code == 0, joined.output
     assert len(pd.read_csv(out / "trials.csv")) == len(trials)
@@ -132,3 +135,5 @@ def test_join_and_recommended_plan_need_a_study(invoke, assert_one_line_error, t
     assert_one_line_error(invoke("recommend", "--join", tmp_path, "--quiet"), "no recommend study")
     with pytest.raises(PlacementError, match="holds no recommendation"):
         recommended_plan(tmp_path, "5%")
+    assert_one_line_error(invoke("plan", tmp_path, "--strategy", "recommended", "--budget", "5%"),
+                          "holds no recommendation")

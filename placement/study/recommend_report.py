@@ -126,14 +126,19 @@ def write_outputs(folder, results: dict, plans: dict, full: int, settings) -> di
     return decision
 
 
-def recommended_plan(folder: str | Path, budget: str) -> Plan:
-    """The recommended plan of a recommendation folder at `budget` (e.g. 2.5%)."""
+def recommended_path(folder: str | Path, budget: str) -> Path:
+    """The recommended plan file of a recommendation folder at `budget` (e.g. 2.5% or 2.5)."""
     folder = Path(folder)
     if not (folder / DECISION).is_file():
         raise PlacementError(f"{folder} holds no recommendation: run placement recommend --out {folder} first")
     path = next((folder / plan_file(b) for b in (budget, f"{budget}%") if (folder / plan_file(b)).is_file()), None)
     if path is None:
-        known = sorted(json.loads((folder / DECISION).read_text(encoding="utf-8")))
+        known = list(json.loads((folder / DECISION).read_text(encoding="utf-8")))
         raise PlacementError(f"{folder} has no recommendation at budget {budget}: choose one of {', '.join(known)}")
-    return Plan.load(path)
+    return path
+
+
+def recommended_plan(folder: str | Path, budget: str) -> Plan:
+    """The recommended plan of a recommendation folder at `budget`."""
+    return Plan.load(recommended_path(folder, budget))
 
