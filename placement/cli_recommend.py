@@ -48,13 +48,14 @@ def _settings(budget, max_params, selectors, trial_steps, rates, r, batches, bat
 @click.option("--join", "join", type=click.Path(), help="work on the trials of a running recommendation folder")
 @click.option("--dry-run", is_flag=True, help="print the trial count and estimated time, then exit")
 @click.option("--overwrite", is_flag=True, help="replace an earlier run in --out")
+@click.option("--resume", is_flag=True, help="continue the run in --out, keeping its finished trials")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the decision as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bars or log lines")
 @user_errors
 def recommend_cmd(model, data, budget, max_params, selectors, entrants, trial_steps, rates, r, batches, batch_size,
                   max_length, seed, fast, lookahead_steps, lookahead_lr, out, storage, join, dry_run, overwrite,
-                  device, as_json, quiet):
+                  resume, device, as_json, quiet):
     """Train every selector's plan at every budget briefly, the best third longer with two seeds, and write the
     plan to follow at each budget (plan-P%.json), recommendation.md, trials.csv and pareto.png."""
     from .study import recommend as rec
@@ -69,14 +70,15 @@ def recommend_cmd(model, data, budget, max_params, selectors, entrants, trial_st
                          seed, fast, lookahead_steps, lookahead_lr)
     if not dry_run and not out:
         raise PlacementError("recommend needs --out, the run folder (or --dry-run)")
-    decision = _run(rec, model, data, settings, out, storage, entrants, dry_run, overwrite, device, quiet, log)
+    decision = _run(rec, model, data, settings, out, storage, entrants, dry_run, (overwrite, resume), device,
+                    quiet, log)
     if decision is not None:
         click.echo(json.dumps(decision, indent=2, default=str) if as_json else
                    "\n".join(f"{b:>8s}  {d['selector']}  ({d['params']:,} parameters, validation loss "
                              f"{d['val_loss']:.4f})" for b, d in decision.items()))
 
 
-def _run(rec, model, data, settings, out, storage, entrants, dry_run, overwrite, device, quiet, log):
+def _run(rec, model, data, settings, out, storage, entrants, dry_run, replace, device, quiet, log):
     from .model.load import load
     from .outputs import run_folder
 
@@ -84,10 +86,11 @@ def _run(rec, model, data, settings, out, storage, entrants, dry_run, overwrite,
         lm, tokenizer, _ = load(model, device=device, quiet=quiet)
         rec.dry_run(lm, tokenizer, data, settings, entrants, log)
         return None
-    with run_folder(out, overwrite=overwrite):
+    overwrite, resume = replace
+    with run_folder(out, overwrite=overwrite, resume=resume):
         lm, tokenizer, source = load(model, device=device, quiet=quiet)
         return rec.run_recommend(lm, tokenizer, source, data, settings, out, storage=storage, entrants=entrants,
-                                 progress=not quiet, log=log)
+                                 resume=resume, progress=not quiet, log=log)
 
 
 def _plan_reads_recommendations(plan_command: click.Command) -> None:

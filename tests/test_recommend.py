@@ -74,6 +74,20 @@ def test_two_workers_run_no_trial_twice_and_agree_with_one(tmp_path):
     assert strip(outs["a"]) == strip(outs["b"]) == strip(one)
 
 
+def test_resume_runs_again_what_a_stopped_worker_left_running(tmp_path):
+    url = str(tmp_path / "t.journal")
+    queue = tq.TrialQueue(url, create=True)
+    key = dict(stage="rung0", selector="page", budget="5%", seed=0, steps=2, lr=1e-3)
+    queue.enqueue([key])
+    assert queue.pop() is not None and queue.pop() is None  # taken, then the worker stops
+    again = tq.TrialQueue(url)
+    assert again.reset_running() == 1
+    assert again.enqueue([key]) == 1
+    trial = again.pop()
+    again.finish(trial, 1.5, {"val_loss": 1.5})
+    assert list(again.results().values())[0]["value"] == 1.5
+
+
 def test_decision_prefers_fewer_parameters_within_the_spread():
     rows = []
     for selector, params, losses in (("page", 300, (2.00, 2.10)), ("small", 100, (2.08, 2.09)),

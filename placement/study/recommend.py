@@ -204,8 +204,12 @@ def save_run(folder: Path, source_name: str, data: str, settings: RecommendSetti
                                    "storage": storage, "entries": entries})
 
 
-def open_queue(folder: Path, storage: str | None, create: bool) -> tq.TrialQueue:
+def open_queue(folder: Path, storage: str | None, create: bool, resume: bool = False, log=print) -> tq.TrialQueue:
     queue = tq.TrialQueue(storage or tq.default_storage(folder), create=create)
+    if resume:
+        done, stale = len(queue.results()), queue.reset_running()
+        log(f"resume     {done} trials kept" + (f", {stale} a stopped worker left running run again" if stale
+                                                  else ""))
     if create and storage is None:
         from ..outputs import record
         record(tq.default_storage(folder))  # the run's own file: replaced with the run, kept by --resume
@@ -213,8 +217,10 @@ def open_queue(folder: Path, storage: str | None, create: bool) -> tq.TrialQueue
 
 
 def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettings, out: str | Path, *,
-                  storage: str | None = None, entrants=(), progress: bool = False, log=print) -> dict:
-    """The whole recommendation in `out` (already claimed as a run folder): probe, plans, trials, outputs."""
+                  storage: str | None = None, entrants=(), resume: bool = False, progress: bool = False,
+                  log=print) -> dict:
+    """The whole recommendation in `out` (already claimed as a run folder): probe, plans, trials, outputs. With
+    `resume` the finished trials of the run's store are kept (start it again while no other worker runs)."""
     from .recommend_report import write_outputs
 
     settings.check()
@@ -224,7 +230,7 @@ def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettin
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), plans, settings)
     log(cost_line(estimate(model, tokenizer, bench.splits, bench.entries(), settings)))
     save_run(folder, source.name, data, settings, plans, storage or tq.default_storage(folder))
-    results = run_trials(bench, open_queue(folder, storage, create=True), progress, log)
+    results = run_trials(bench, open_queue(folder, storage, True, resume, log), progress, log)
     full = sum(settings.r * (row["d_in"] + row["d_out"]) for row in base.sites)
     return write_outputs(folder, results, plans, full, settings)
 

@@ -62,10 +62,15 @@ class TrialQueue:
         return self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
 
     def keys(self) -> dict[str, int]:
-        """Each enqueued key and the lowest trial number that carries it (the one that runs)."""
+        """Each enqueued key and the lowest trial number that carries it (the one that runs); a failed trial (a
+        worker that died, reset on resume) no longer holds its key."""
+        from optuna.trial import TrialState
+
         out: dict[str, int] = {}
         for trial in self.trials():
             text = trial.user_attrs.get("key")
+            if trial.state == TrialState.FAIL:
+                continue
             if text is not None and (text not in out or trial.number < out[text]):
                 out[text] = trial.number
         return out
@@ -98,6 +103,15 @@ class TrialQueue:
                 continue
             return trial
         return None
+
+    def reset_running(self) -> int:
+        """Fail the trials left running by a worker that stopped, so that their keys run again (on resume)."""
+        from optuna.trial import TrialState
+
+        stale = self.trials(states=(TrialState.RUNNING,))
+        for trial in stale:
+            self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return len(stale)
 
     def finish(self, trial, value: float, result: dict) -> None:
         from optuna.trial import TrialState
