@@ -108,7 +108,8 @@ def _train(peft_model, params: dict[str, list[torch.Tensor]], batches: list, set
     """K steps; per site the summed -<g_t, delta_t>; the step losses; each batch's loss when first met."""
     flat = [p for ps in params.values() for p in ps]
     optimizer = OPTIMIZERS[settings.optimizer](flat, lr=settings.lr)
-    attribution = {name: 0.0 for name in params}
+    # summed on the device, read once at the end: no host sync per site and step
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in params}
     losses, first = [], {}
     for step in range(settings.steps):
         index = step % len(batches)
@@ -128,14 +129,15 @@ def _train(peft_model, params: dict[str, list[torch.Tensor]], batches: list, set
         for name, ps in params.items():
             for p in ps:
                 moved = p.detach() - before[position]
-                attribution[name] -= float((grads[position].double() * moved.double()).sum())
+                sums[name] -= (grads[position].double() * moved.double()).sum()
                 position += 1
+    attribution = {name: float(value) for name, value in sums.items()}
     return attribution, losses, first
 
 
 def _drop_energy(peft_model, layers: dict[str, nn.Module], batches: list, device) -> tuple[dict[str, float], list]:
     """Per site the mean over target tokens of ||s B A x||^2, all adapters on; and each batch's loss."""
-    sums = {name: 0.0 for name in layers}
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers}
     keep: dict[str, torch.Tensor] = {}
     handles = []
     for name, layer in layers.items():
@@ -143,7 +145,7 @@ def _drop_energy(peft_model, layers: dict[str, nn.Module], batches: list, device
 
         def hook(module, inputs, output, name=name, scale=scale):
             energy = (output.detach().float() * scale).pow(2).sum(dim=-1)  # (batch, tokens)
-            sums[name] += float(energy[keep["mask"]].double().sum())
+            sums[name] += energy[keep["mask"]].double().sum()
         handles.append(layer.lora_B["default"].register_forward_hook(hook))
     losses, tokens = [], 0
     try:
@@ -158,7 +160,7 @@ def _drop_energy(peft_model, layers: dict[str, nn.Module], batches: list, device
     finally:
         for handle in handles:
             handle.remove()
-    return {name: value / max(tokens, 1) for name, value in sums.items()}, losses
+    return {name: float(value) / max(tokens, 1) for name, value in sums.items()}, losses
 
 
 def lookahead_run(model: nn.Module, sites: list[Site], batches: list, lora_kwargs: dict, seed: int = 0,

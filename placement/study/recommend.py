@@ -188,7 +188,7 @@ def prepare(model, tokenizer, source, data: str, settings: RecommendSettings, *,
     if not splits[1]:
         raise PlacementError(f"{data} leaves no validation example to judge trials by: add data or pass --validation")
     budgets = budgets_of(site_rows(model), settings)
-    base, scores, spectrum = scores_and_base(model, tokenizer, source, data, splits[0], settings, progress)
+    base, scores, spectrum = scores_and_base(model, tokenizer, source, data, splits[0], settings, progress, log)
     plans = selector_plans(base, budgets, scores, spectrum, settings, log) | entrant_plans(list(entrants), model,
                                                                                             budgets, log)
     return splits, budgets, base, plans
