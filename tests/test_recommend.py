@@ -145,6 +145,14 @@ def test_bad_input_is_one_line(invoke, assert_one_line_error, model_dir, data_fi
     assert not (out / "recommend.json").exists()
 
 
+def test_python_entry_point_checks_its_input_before_loading(tmp_path):
+    import placement
+
+    with pytest.raises(PlacementError, match="trial-steps 0"):
+        placement.recommend("no-such-model", "builtin:arithmetic", "5%", out=tmp_path / "r", trial_steps=0)
+    assert not (tmp_path / "r").exists()
+
+
 def test_join_and_recommended_plan_need_a_study(invoke, assert_one_line_error, tmp_path):
     assert_one_line_error(invoke("recommend", "--join", tmp_path, "--quiet"), "no recommend study")
     with pytest.raises(PlacementError, match="holds no recommendation"):

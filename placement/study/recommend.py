@@ -4,8 +4,8 @@ validation loss, the best third trained longer with two seeds, the best of those
 The schedule (`schedule`) is a pure function of the finished trials, so any number of workers sharing the run's
 trial store (`trials.py`) compute the same next stage. Stages:
 
-1. `sweep`: page's plan at each rate of a short grid per budget (seed 0, trial steps); the rate with the lowest
-   validation loss is the budget's rate. These runs are rung 0's page trials at their rates.
+1. the sweep: page's plan at each rate of a short grid per budget (seed 0, trial steps); the rate with the lowest
+   validation loss is the budget's rate. These runs are rung 0's page trials at their rates (stage `rung0`).
 2. `rung0`: every selector's plan (and each entrant) at the budget's rate, seed 0, trial steps.
 3. `rung1`: the best third per budget (eta = 3, by validation loss; ties to fewer parameters, then name), and page's
    plan as the reference, for three times the steps with seeds 0 and 1.
