@@ -159,3 +159,38 @@ def test_join_and_recommended_plan_need_a_study(invoke, assert_one_line_error, t
         recommended_plan(tmp_path, "5%")
     assert_one_line_error(invoke("plan", tmp_path, "--strategy", "recommended", "--budget", "5%"),
                           "holds no recommendation")
+
+
+def test_two_workers_on_a_tiny_model_match_one(model_dir, data_file, tmp_path):
+    """Real trials: two threads pull from one journal; training is serialised (PEFT draws A from the global
+    generator), the queue is not."""
+    from placement.model.load import load
+    from placement.study.recommend import prepare
+    from placement.study.rungs import Workbench, run_trials, trial_splits
+
+    model, tokenizer, source = load(str(model_dir))
+    settings = RecommendSettings(budgets=[40.0], selectors=("page", "params", "down"), trial_steps=1,
+                                 rates=(1e-3, 1e-2), batches=1, batch_size=2, max_length=48)
+    splits, _, _, plans = prepare(model, tokenizer, source, str(data_file), settings, log=lambda line: None)
+    bench = Workbench(model, tokenizer, trial_splits(splits, settings), plans, settings)
+    one = run_trials(bench, tq.TrialQueue(str(tmp_path / "one.journal"), create=True))
+    lock, counts, outs = threading.Lock(), Counter(), {}
+
+    def serialised(key):
+        with lock:
+            counts[tq.key_text(key)] += 1
+            return Workbench.run(bench, key)
+    shared = Workbench(model, tokenizer, bench.splits, plans, settings)
+    shared.run = serialised
+    tq.TrialQueue(str(tmp_path / "two.journal"), create=True)
+
+    def worker(name):
+        outs[name] = run_trials(shared, tq.TrialQueue(str(tmp_path / "two.journal")))
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(counts.values()) == 1 and len(counts) == len(one)
+    values = lambda res: {k: round(v["value"], 6) for k, v in res.items()}  # noqa: E731
+    assert values(outs["a"]) == values(outs["b"]) == values(one)
