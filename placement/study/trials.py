@@ -88,12 +88,13 @@ class TrialQueue:
 
     def pop(self):
         """A waiting trial this worker now owns (RUNNING), or None. A duplicate of a key is closed, not run."""
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         for trial in self.trials(states=(TrialState.WAITING,)):
             try:
                 won = self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
-            except Exception:  # finished meanwhile by another worker  # noqa: BLE001
+            except UpdateFinishedTrialError:  # run and finished meanwhile by another worker
                 continue
             if not won:
                 continue
