@@ -23,3 +23,9 @@ def register_score(score):
     """Add a score (a `placement.probe.registry.Score`) to every ranking, table and report; see that module."""
     from .probe.registry import register_score as _register
     return _register(score)
+
+
+def recommend(model, data, budgets="1%,2.5%,5%", out="recommend", **kwargs):
+    """The plan to follow at each budget, chosen by trials; see `placement.study.recommend.recommend`."""
+    from .study.recommend import recommend as _recommend
+    return _recommend(model, data, budgets, out, **kwargs)

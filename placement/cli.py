@@ -287,5 +287,10 @@ def demo(run, calibration, train, data, compare, output):
     _emit(*demo_summary(comparison, base, run.out), output)
 
 
+from .cli_recommend import register  # noqa: E402  (its own module: the recommend study's options)
+
+register(main)
+
+
 if __name__ == "__main__":
     sys.exit(main())

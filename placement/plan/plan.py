@@ -25,7 +25,6 @@ REQUIRED = ("schema", "model", "probe", "sites", "strategy", "targets", "peft")
 @dataclass
 class Plan:
     """A placement plan; `to_json()` is the file format, `schema: placement-plan/1`."""
-
     model: dict
     probe: dict
     sites: list[dict]
@@ -37,6 +36,7 @@ class Plan:
     trainable_params: int = 0
     family: str = "lora"  # the adapter family the plan applies; `peft` holds LoRA's arguments either way
     family_args: dict = field(default_factory=dict)  # the family's own size: reduction_factor, num_virtual_tokens
+    provenance: dict = field(default_factory=dict)  # what chose the sites beyond the strategy (recommend's trials)
     created: str = ""
     tool_version: str = __version__
     schema: str = SCHEMA

@@ -81,9 +81,11 @@ def ranking_names() -> list[str]:
 
 
 def profile_names(ranking: str = "page") -> list[str]:
-    """The scores the profile stage computes beside the probe: every energy (each a score one could rank by), and
-    `ranking` itself; order-only figures (kappa, snr) are computed where they are used."""
-    return [name for name, score in SCORES.items() if score.needs != "probe" and (score.energy or name == ranking)]
+    """The scores the profile stage computes beside the probe: every energy (each a score one could rank by) that
+    needs no training run, and `ranking` itself; order-only figures (kappa, snr) are computed where they are used,
+    training scores (a run of their own, many times the probe's cost) when they rank or a selector asks for them."""
+    return [name for name, score in SCORES.items() if score.needs != "probe"
+            and ((score.energy and score.needs != "training") or name == ranking)]
 
 
 def compute_scores(ctx: ScoreContext, names: list[str]) -> pd.DataFrame:
@@ -118,4 +120,4 @@ for _score in (
     register_score(_score)
 
 # Built-in scores with their own computation: each module registers its scores on import.
-from . import act_norm, weights  # noqa: E402,F401
+from . import act_norm, lookahead, weights  # noqa: E402,F401

@@ -39,6 +39,14 @@ class ProbeSettings:
         "help": "top singular values of each site's gradient to keep (exact probe) for page_opt and rank "
                 "allocation; 64 when --score page_opt or --strategy allocate asks for them", "range": (0, 2 ** 16)})
 
+    # the training scores (lookahead, lora_drop): one short run of LoRA on every site, computed only when a ranking
+    # or a selector asks for them
+    lookahead_steps: int = field(default=16, metadata={
+        "help": "steps of the short all-site LoRA run behind the lookahead and lora_drop scores",
+        "range": (1, 10 ** 6)})
+    lookahead_lr: float = field(default=3e-3, metadata={
+        "help": "AdamW learning rate of that run", "range": (0, 10.0)})
+
     def __post_init__(self) -> None:
         self.check()
 

@@ -1,0 +1,190 @@
+"""Selectors at equal parameters: a budget, and the one rule that turns a score into a plan at it.
+
+A budget is a percent of all-linear LoRA's trainable parameters at the same rank (or a number of parameters). A
+selector is a score and a rule:
+
+- energy scores (non-negative, additive over sites: page, page_opt, grad_energy, fisher, lookahead, lora_drop,
+  act_norm): greedily by score per trainable parameter at rank r;
+- order-only scores (kappa, snr, params): in the score's own order (kappa lowest first, snr and params highest);
+- either way a site that does not fit is skipped, and ties go to model order;
+- `page_opt` takes `allocate`'s per-site ranks (captured gradient energy under the budget);
+- role selectors (`down`, `ffn`): every site of the role at the largest uniform rank that fits, skipped where rank 1
+  does not.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import PlacementError
+from ..families.lora import lora_params
+from ..model.sites import ROLES
+from .strategies import FFN, allocate_ranks
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: str
+    help: str
+    rule: str  # energy, order, allocate, role
+    score: str | None = None  # the score it reads (None for role rules)
+    ascending: bool = False  # order rule: lowest first (kappa)
+    roles: frozenset = frozenset()
+
+
+@dataclass
+class Pick:
+    """What a selector chose at a budget: targets in model order and each one's rank (None: skipped, and why)."""
+
+    selector: str
+    max_params: int
+    ranks: dict[str, int] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.ranks)
+
+    def params(self, rows: list[dict]) -> int:
+        by_site = {row["site"]: row for row in rows}
+        return sum(lora_params(by_site[t], r) for t, r in self.ranks.items())
+
+    @property
+    def uniform_rank(self) -> int | None:
+        values = set(self.ranks.values())
+        return values.pop() if len(values) == 1 else None
+
+
+SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(selector: Selector) -> Selector:
+    SELECTORS[selector.name] = selector
+    return selector
+
+
+ENERGY_SCORES = ("page", "page_opt", "grad_energy", "fisher", "lookahead", "lora_drop", "act_norm")
+for _name in ENERGY_SCORES:
+    register_selector(Selector(_name, f"greedy by {_name} per trainable parameter", "allocate" if _name == "page_opt"
+                               else "energy", _name))
+register_selector(Selector("kappa", "lowest weight condition number first (PEFT's KappaTune)", "order", "kappa",
+                           ascending=True))
+register_selector(Selector("snr", "highest singular-value signal-to-noise ratio first (Spectrum)", "order", "snr"))
+register_selector(Selector("params", "largest sites first (the size baseline)", "order", "params"))
+register_selector(Selector("down", "every FFN down projection at the largest uniform rank that fits", "role",
+                           roles=frozenset({"down"})))
+register_selector(Selector("ffn", "every FFN projection at the largest uniform rank that fits", "role",
+                           roles=frozenset(FFN)))
+
+
+def get_selector(name: str) -> Selector:
+    if name not in SELECTORS:
+        raise PlacementError(f"unknown selector {name}: choose from {', '.join(SELECTORS)}")
+    return SELECTORS[name]
+
+
+# -- budgets ----------------------------------------------------------------------------------------------------
+def all_linear_params(rows: list[dict], r: int) -> int:
+    return sum(lora_params(row, r) for row in rows)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'1%,2.5%,5%' -> [1.0, 2.5, 5.0] (percent of all-linear)."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = float(part.rstrip("%"))
+        except ValueError:
+            raise PlacementError(f"budget '{part}' is not a percent: write e.g. 1%,2.5%,5%") from None
+        if not (0 < value <= 100 and math.isfinite(value)):
+            raise PlacementError(f"budget {part} is outside (0%, 100%]: pass percents of all-linear LoRA up to 100%")
+        out.append(value)
+    if not out:
+        raise PlacementError("--budget names no budget: pass e.g. 1%,2.5%,5%")
+    return out
+
+
+def budget_params(percent: float, rows: list[dict], r: int) -> int:
+    """The parameter count of a percent budget, checked to fit at least the smallest rank-r adapter."""
+    full = all_linear_params(rows, r)
+    n = int(full * percent / 100)
+    smallest = min(lora_params(row, r) for row in rows)
+    if n < smallest:
+        raise PlacementError(f"budget {percent:g}% ({n} parameters) is below the smallest rank-{r} adapter here "
+                             f"({smallest} parameters, {100 * smallest / full:.3g}% of all-linear): raise it")
+    return n
+
+
+def budget_label(percent: float) -> str:
+    return f"{percent:g}%"
+
+
+# -- the rules -------------------------------------------------------------------------------------------------
+def _model_order(rows: list[dict]) -> list[dict]:
+    role = lambda row: ROLES.index(row["role"]) if row["role"] in ROLES else len(ROLES)  # noqa: E731
+    return sorted(rows, key=lambda row: (int(row["layer"]), role(row)))
+
+
+def _greedy(order: list[dict], max_params: int, r: int) -> dict[str, int]:
+    chosen, spent = {}, 0
+    for row in order:
+        cost = lora_params(row, r)
+        if spent + cost <= max_params:
+            chosen[row["site"]] = r
+            spent += cost
+    return chosen
+
+
+def _in_model_order(rows: list[dict], ranks: dict[str, int]) -> dict[str, int]:
+    return {row["site"]: ranks[row["site"]] for row in _model_order(rows) if row["site"] in ranks}
+
+
+def _score_of(scores: dict[str, float], site: str, missing: float = -math.inf) -> float:
+    """A site's score; a missing or NaN score sorts last either way (an infinite snr is a real, top value)."""
+    value = scores.get(site, float("nan"))
+    return missing if math.isnan(value) else value
+
+
+def energy_pick(rows, scores, max_params, r) -> dict[str, int]:
+    """Greedy by score per parameter; Python's sort is stable, so ties keep model order."""
+    order = sorted(_model_order(rows), key=lambda row: -_score_of(scores, row["site"]) / lora_params(row, r))
+    return _greedy(order, max_params, r)
+
+
+def order_pick(rows, scores, max_params, r, ascending: bool) -> dict[str, int]:
+    if ascending:
+        order = sorted(_model_order(rows), key=lambda row: _score_of(scores, row["site"], math.inf))
+    else:
+        order = sorted(_model_order(rows), key=lambda row: -_score_of(scores, row["site"]))
+    return _greedy(order, max_params, r)
+
+
+def role_pick(rows, roles, max_params) -> tuple[dict[str, int], str | None]:
+    chosen = [row for row in _model_order(rows) if row["role"] in roles]
+    if not chosen:
+        return {}, "the model has no site of this role"
+    per_rank = sum(lora_params(row, 1) for row in chosen)
+    rank = max_params // per_rank
+    if rank < 1:
+        return {}, f"rank 1 on its {len(chosen)} sites takes {per_rank} parameters, over the budget"
+    return {row["site"]: int(rank) for row in chosen}, None
+
+
+def pick(selector: Selector | str, rows: list[dict], scores: dict[str, float] | None, max_params: int, r: int,
+         spectrum: dict | None = None) -> Pick:
+    """A selector's sites (and ranks) at a budget of `max_params` over the site rows of a plan."""
+    selector = get_selector(selector) if isinstance(selector, str) else selector
+    skipped = None
+    if selector.rule == "role":
+        ranks, skipped = role_pick(rows, selector.roles, max_params)
+    elif selector.rule == "allocate":
+        if spectrum is None:
+            raise PlacementError("selector page_opt needs the gradient spectrum of the exact probe: drop --fast")
+        ranks = allocate_ranks(spectrum, rows, max_params, max_rank=max(64, r))
+    elif selector.rule == "order":
+        ranks = order_pick(rows, scores or {}, max_params, r, selector.ascending)
+    else:
+        ranks = energy_pick(rows, scores or {}, max_params, r)
+    if not ranks and skipped is None:
+        skipped = "no site fits the budget"
+    return Pick(selector.name, max_params, _in_model_order(rows, ranks), skipped)
