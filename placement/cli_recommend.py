@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .cli_options import user_errors
+from .cli_settings import user_errors
 from .errors import PlacementError
 
 
