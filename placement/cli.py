@@ -109,7 +109,7 @@ def sites(model, listing, output):
 @settings(model=ModelArgs, data=use(DataArgs, "data"), calibration=use(CalibrationArgs, "batches"),
           batching=use(TrainSettings, *BATCHING, "checkpointing", build=False),
           probe=use(ProbeSettings, "r", "alpha", "use_rslora", "mode", "draws", "spectrum_k"), chosen=ProfileArgs,
-          strategy=StrategyArgs, run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
+          strategy=use(StrategyArgs, "strategy", "k", "max_params", "strategy_seed"), run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
 @launchable
 def profile(model, data, calibration, batching, probe, chosen, strategy, run, output, launch):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
@@ -136,8 +136,9 @@ def profile(model, data, calibration, batching, probe, chosen, strategy, run, ou
           adapter=AdapterArgs, export=ExportArgs, model=use(ModelArgs, "model", "trust_remote_code", model=None),
           run=use(RunArgs, "out", "overwrite", out=None), output=OutputArgs)
 def plan_cmd(source, strategy, rank, adapter, export, model, run, output):
-    """Make a placement plan from a profile's folder, its scores.csv or a plan file, and write it in --format (our
-    plan JSON, PEFT, axolotl, LLaMA-Factory, Spectrum); without --out or --peft-config print it."""
+    """Make a placement plan from a profile's folder, its scores.csv, a plan file or a recommend run's folder (with
+    --strategy recommended --budget P%), and write it in --format (our plan JSON, PEFT, axolotl, LLaMA-Factory,
+    Spectrum); without --out or --peft-config print it."""
     from .plan.export import export as write_plan, plan_from_source, replan
     from .plan.formats import render
 
@@ -145,7 +146,8 @@ def plan_cmd(source, strategy, rank, adapter, export, model, run, output):
         raise PlacementError(f"--out {run.out} is a folder: plan writes one file there; name the file")
     if export.peft_config and Path(export.peft_config).is_file():
         raise PlacementError(f"--peft-config {export.peft_config} is a file: name the folder for adapter_config.json")
-    new = replan(source, plan_from_source(source, rank.r), strategy.chosen()).with_variant(adapter.variant)
+    base = plan_from_source(strategy.folder_plan(source), rank.r)  # recommended: the run's plan at --budget
+    new = replan(source, base, strategy.chosen()).with_variant(adapter.variant)
     if model.model:
         new.check(_load(model)[0])
     if not run.out and not export.peft_config:
@@ -287,9 +289,9 @@ def demo(run, calibration, train, data, compare, output):
     _emit(*demo_summary(comparison, base, run.out), output)
 
 
-from .cli_recommend import register  # noqa: E402  (its own module: the recommend study's options)
+from .cli_recommend import recommend  # noqa: E402  (its own module: the recommend study's command)
 
-register(main)
+main.add_command(recommend)
 
 
 if __name__ == "__main__":

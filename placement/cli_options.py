@@ -10,7 +10,8 @@ from .errors import PlacementError
 from .families import family_names
 from .families.lora import VARIANTS
 from .plan.formats import FORMATS
-from .plan.strategies import STRATEGIES, strategy_help
+from .plan.budget import budget_label, parse_budgets
+from .plan.strategies import FROM_FOLDER, STRATEGIES, kinds, strategy_help
 from .probe.registry import ranking_names
 
 MODEL_HELP = ("smollm2-135m (embedded, no network), gemma3-270m (from its PyPI package), a hub id, a local model "
@@ -80,20 +81,39 @@ class StrategyArgs:
     """How a plan picks its sites from the ranking."""
 
     strategy: str | None = opt("dominant", strategy_help() + " (plan: the source plan's unless given)",
-                               choices=STRATEGIES)
+                               choices=STRATEGIES + FROM_FOLDER)
     k: int | None = opt(None, "sites for top-k, layers for last-k (stability: the size of the top-k sets compared)",
                         range=(1, 10 ** 6))
-    max_params: int | None = opt(None, "trainable-parameter budget for --strategy budget", range=(1, 10 ** 15))
+    max_params: int | None = opt(None, "trainable-parameter budget for --strategy budget (recommend: one budget "
+                                       "of this many parameters instead of --budget)", range=(1, 10 ** 15))
     strategy_seed: int = opt(0, "seed of random-1", range=(0, 2 ** 32 - 1))
+    budget: tuple[float, ...] | None = opt(None, "percent of all-linear LoRA's trainable parameters at the same rank "
+                                                 "(recommend: comma-separated, each a budget; plan: with --strategy "
+                                                 "recommended, the budget whose recommended plan to take)",
+                                           parse=lambda text: tuple(parse_budgets(text)),
+                                           show=lambda v: None if v is None else ",".join(map(budget_label, v)))
 
     def __post_init__(self) -> None:
         self.chosen()  # refuses a strategy that cannot take these details
 
+    def folder_plan(self, source: str) -> str:
+        """The plan file to start from: a strategy whose plan a run folder holds reads it at --budget."""
+        kind = kinds().get(self.strategy) if self.strategy else None
+        if kind is None or kind.from_folder is None:
+            return source
+        return str(kind.from_folder(source, budget_label(self.budget[0])))
+
     def chosen(self):
-        """The Strategy these options name, checked; None keeps the source plan's."""
+        """The Strategy these options name, checked; None keeps the source plan's (or the folder's)."""
         from .plan.strategies import Strategy
 
-        if self.strategy is None:
+        from_folder = self.strategy in FROM_FOLDER
+        if self.budget is not None and not from_folder:
+            raise PlacementError("--budget picks a recommend run's plan: add --strategy recommended, or drop it")
+        if from_folder and (self.budget is None or len(self.budget) != 1):
+            raise PlacementError(f"--strategy {self.strategy} needs one --budget (e.g. 2.5%) and a recommend run's "
+                                 "folder as the source")
+        if self.strategy is None or from_folder:
             return None
         chosen = Strategy(self.strategy, k=self.k, max_params=self.max_params, seed=self.strategy_seed)
         chosen.check()

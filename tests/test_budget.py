@@ -2,7 +2,7 @@
 import pytest
 
 from placement.errors import PlacementError
-from placement.plan.budget import (SELECTORS, all_linear_params, budget_params, get_selector, parse_budgets, pick)
+from placement.plan.budget import (all_linear_params, budget_params, get_selector, parse_budgets, pick, selectors)
 
 
 def _rows():
@@ -83,4 +83,4 @@ def test_page_opt_takes_allocates_ranks():
 def test_unknown_selector_is_one_clear_error():
     with pytest.raises(PlacementError, match="unknown selector nope"):
         get_selector("nope")
-    assert {"page", "lookahead", "lora_drop", "kappa", "snr", "params", "down", "ffn", "page_opt"} <= set(SELECTORS)
+    assert {"page", "lookahead", "lora_drop", "kappa", "snr", "params", "down", "ffn", "page_opt"} <= set(selectors())

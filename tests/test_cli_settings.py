@@ -63,7 +63,7 @@ def test_every_option_is_one_field_with_its_default():
     for command in main.commands.values():
         for param in command.params:
             counts[param.opts[0]] = counts.get(param.opts[0], 0) + 1
-    assert counts["--r"] == 5 and counts["--batches"] == 5  # used by five commands, declared by one field each
+    assert counts["--r"] == 6 and counts["--batches"] == 6  # used by six commands, declared by one field each
 
 
 def test_the_walker_sees_a_second_declaration_and_a_changed_default():

@@ -41,7 +41,7 @@ def _drive(queue, entries, settings, counts, lock):
 
 
 ENTRIES = {(s, "5%"): 100 + 10 * i for i, s in enumerate(["page", "s1", "s2", "s3", "s4", "s5"])}
-SETTINGS = RecommendSettings(budgets=[5.0], trial_steps=2, rates=(1e-3, 1e-2))
+SETTINGS = RecommendSettings(budget=[5.0], trial_steps=2, rates=(1e-3, 1e-2))
 
 
 def test_schedule_sweeps_then_promotes_the_best_third_and_page(tmp_path):
@@ -169,7 +169,7 @@ def test_two_workers_on_a_tiny_model_match_one(model_dir, data_file, tmp_path):
     from placement.study.rungs import Workbench, run_trials, trial_splits
 
     model, tokenizer, source = load(str(model_dir))
-    settings = RecommendSettings(budgets=[40.0], selectors=("page", "params", "down"), trial_steps=1,
+    settings = RecommendSettings(budget=[40.0], selectors=("page", "params", "down"), trial_steps=1,
                                  rates=(1e-3, 1e-2), batches=1, batch_size=2, max_length=48)
     splits, _, _, plans = prepare(model, tokenizer, source, str(data_file), settings, log=lambda line: None)
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), plans, settings)

@@ -3,23 +3,34 @@
 A budget is a percent of all-linear LoRA's trainable parameters at the same rank (or a number of parameters). A
 selector is a score and a rule:
 
-- energy scores (non-negative, additive over sites: page, page_opt, grad_energy, fisher, lookahead, lora_drop,
-  act_norm): greedily by score per trainable parameter at rank r;
-- order-only scores (kappa, snr, params): in the score's own order (kappa lowest first, snr and params highest);
+- every energy of the score registry (non-negative, additive over sites: page, grad_energy, fisher, lookahead,
+  lora_drop, act_norm, ...): greedily by score per trainable parameter at rank r;
+- every order-only score of the weights (kappa, snr, params): in the score's own direction (kappa lowest first);
 - either way a site that does not fit is skipped, and ties go to model order;
 - `page_opt` takes `allocate`'s per-site ranks (captured gradient energy under the budget);
 - role selectors (`down`, `ffn`): every site of the role at the largest uniform rank that fits, skipped where rank 1
   does not.
+
+The score selectors are read from the registry at each lookup, so a score registered later is a selector too.
+A recommendation folder's plan at a budget (`recommended_path`) is what `plan --strategy recommended` reads.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import PlacementError
 from ..families.lora import lora_params
 from ..model.sites import ROLES
+from ..probe.registry import SCORES
 from .strategies import FFN, allocate_ranks
+
+RECOMMENDATION = "recommendation.md"
+DECISION = "recommendation.json"
+# a score whose selector takes allocate's per-site ranks from the probe's gradient spectrum instead of one rank
+ALLOCATED = {"page_opt"}
 
 
 @dataclass(frozen=True)
@@ -55,22 +66,35 @@ class Pick:
         return values.pop() if len(values) == 1 else None
 
 
-SELECTORS: dict[str, Selector] = {}
+ROLE_SELECTORS: dict[str, Selector] = {}
 
 
 def register_selector(selector: Selector) -> Selector:
-    SELECTORS[selector.name] = selector
+    """Add a selector that reads no score (a role rule); score selectors come from the score registry."""
+    ROLE_SELECTORS[selector.name] = selector
     return selector
 
 
-ENERGY_SCORES = ("page", "page_opt", "grad_energy", "fisher", "lookahead", "lora_drop", "act_norm")
-for _name in ENERGY_SCORES:
-    register_selector(Selector(_name, f"greedy by {_name} per trainable parameter", "allocate" if _name == "page_opt"
-                               else "energy", _name))
-register_selector(Selector("kappa", "lowest weight condition number first (PEFT's KappaTune)", "order", "kappa",
-                           ascending=True))
-register_selector(Selector("snr", "highest singular-value signal-to-noise ratio first (Spectrum)", "order", "snr"))
-register_selector(Selector("params", "largest sites first (the size baseline)", "order", "params"))
+def score_selector(name: str) -> Selector | None:
+    """The selector of a registered score: an energy goes greedy per parameter (page_opt: allocate), an order-only
+    score of the weights in its own direction; other scores (standard errors, coherence) select nothing."""
+    score = SCORES.get(name)
+    if score is None:
+        return None
+    if score.energy:
+        rule = "allocate" if name in ALLOCATED else "energy"
+        return Selector(name, f"greedy by {name} per trainable parameter: {score.help}", rule, name)
+    if score.needs == "weights":
+        return Selector(name, score.help, "order", name, ascending=not score.higher_is_better)
+    return None
+
+
+def selectors() -> dict[str, Selector]:
+    """Every selector: one per selectable registered score, then the role rules."""
+    found = {name: score_selector(name) for name in SCORES}
+    return {name: s for name, s in found.items() if s is not None} | ROLE_SELECTORS
+
+
 register_selector(Selector("down", "every FFN down projection at the largest uniform rank that fits", "role",
                            roles=frozenset({"down"})))
 register_selector(Selector("ffn", "every FFN projection at the largest uniform rank that fits", "role",
@@ -78,9 +102,10 @@ register_selector(Selector("ffn", "every FFN projection at the largest uniform r
 
 
 def get_selector(name: str) -> Selector:
-    if name not in SELECTORS:
-        raise PlacementError(f"unknown selector {name}: choose from {', '.join(SELECTORS)}")
-    return SELECTORS[name]
+    known = selectors()
+    if name not in known:
+        raise PlacementError(f"unknown selector {name}: choose from {', '.join(known)}")
+    return known[name]
 
 
 # -- budgets ----------------------------------------------------------------------------------------------------
@@ -188,3 +213,20 @@ def pick(selector: Selector | str, rows: list[dict], scores: dict[str, float] | 
     if not ranks and skipped is None:
         skipped = "no site fits the budget"
     return Pick(selector.name, max_params, _in_model_order(rows, ranks), skipped)
+
+
+# -- a recommendation folder -----------------------------------------------------------------------------------
+def plan_file(budget: str) -> str:
+    return f"plan-{budget}.json"
+
+
+def recommended_path(folder: str | Path, budget: str) -> Path:
+    """The recommended plan file of a recommendation folder at `budget` (e.g. 2.5% or 2.5)."""
+    folder = Path(folder)
+    if not (folder / DECISION).is_file():
+        raise PlacementError(f"{folder} holds no recommendation: run placement recommend --out {folder} first")
+    path = next((folder / plan_file(b) for b in (budget, f"{budget}%") if (folder / plan_file(b)).is_file()), None)
+    if path is None:
+        known = list(json.loads((folder / DECISION).read_text(encoding="utf-8")))
+        raise PlacementError(f"{folder} has no recommendation at budget {budget}: choose one of {', '.join(known)}")
+    return path

@@ -78,6 +78,8 @@ class Kind:
     planned: bool = True  # offered by `placement plan --strategy`
     family: str = "lora"  # the adapter family the arm trains (a name in families.FAMILIES)
     modifier: str | None = "r"  # the size an arm may give after ':' (r: rank, rf: reduction factor, len: tokens)
+    # a plan a run folder already holds: (folder, budget label) -> its plan file; the plan is taken as it is
+    from_folder: Callable | None = None
 
 
 REGISTRY: dict[str, Kind] = {}
@@ -195,6 +197,12 @@ def _random_one(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     return [random.Random(strategy.seed).choice(sorted(rows, key=lambda s: s["site"]))]
 
 
+def _recommended(folder, budget: str):
+    from .budget import recommended_path  # budget.py builds on this module
+
+    return recommended_path(folder, budget)
+
+
 def _by_rank(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda s: s["rank"])
 
@@ -217,11 +225,14 @@ register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, 
 register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",
               from_weights=selectors.snr_targets, arm="snr", count="optional", planned=False))
 register(Kind("given", "sites chosen elsewhere", _given, planned=False))
-STRATEGIES = tuple(name for name, kind in REGISTRY.items() if kind.planned)
+register(Kind("recommended", "the plan a recommend run (its folder as the source) chose at --budget",
+              option="budget", from_folder=_recommended))
+STRATEGIES = tuple(name for name, kind in REGISTRY.items() if kind.planned and kind.from_folder is None)
+FROM_FOLDER = tuple(name for name, kind in REGISTRY.items() if kind.from_folder is not None)  # plan's other choices
 
 
 def strategy_help() -> str:
-    return "; ".join(f"{name}: {REGISTRY[name].help}" for name in STRATEGIES)
+    return "; ".join(f"{name}: {REGISTRY[name].help}" for name in STRATEGIES + FROM_FOLDER)
 
 
 def select(sites: list[dict], strategy: Strategy, r: int) -> list[str]:

@@ -1,44 +1,30 @@
 """The entrants of a recommendation: every selector's plan at every budget, from the scores it reads.
 
-The probe's scores (page, grad_energy, fisher, page_opt's spectrum) come from one profile of calibration batches
-drawn from the training split; `lookahead` and `lora_drop` from one short run on the same batches; `kappa` and
-`snr` from the weights; `params` from the shapes. A user's plan files enter as they are, at each budget they fit.
+The probe's scores (page, grad_energy, fisher, page_opt's spectrum, and the profile's forward scores such as act_norm)
+come from one profile of calibration batches drawn from the training split; every other score a selector reads
+through the score registry on one context over the same batches (`lookahead` and `lora_drop` share one short run;
+`kappa`, `snr` and `params` read the weights). A user's plan files enter as they are, at each budget they fit.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PlacementError
 from ..plan.budget import get_selector, pick
 from ..plan.plan import Plan
+from ..probe.lookahead import cached_run
+from ..probe.registry import ScoreContext, get_score, score_names
 
-PROBE_COLUMNS = ("page", "page_sampled", "grad_energy", "fisher", "page_opt")
 
-
-def _computed(name: str, model, sites, calib, settings, log=print) -> dict[str, dict[str, float]]:
-    """A score the profile does not give, by name ({score: {site: value}}, with its run's companions)."""
-    from ..plan import selectors
-    from ..probe import lookahead
-
-    if name in ("lookahead", "lora_drop"):  # one run gives both
-        run = lookahead.lookahead_run(model, sites, calib, settings.probe_settings().lora_kwargs(), settings.seed,
-                                      lookahead.LookaheadSettings(steps=settings.lookahead_steps,
-                                                                  lr=settings.lookahead_lr))
+def computed_scores(names: list[str], model, sites, calib, settings, log=print) -> dict[str, dict[str, float]]:
+    """The named scores the profile does not give ({score: {site: value}}), each through the score registry, on one
+    shared context: scores that read one cached run (lookahead and lora_drop) share that run."""
+    context = ScoreContext(model=model, sites=sites, batches=calib, settings=settings.probe_settings())
+    scores = {name: {site: float(v) for site, v in get_score(name).compute(context).items()} for name in names}
+    if any(get_score(name).needs == "training" for name in names):
+        run = cached_run(context)  # the run those scores read, not a second one
         log(f"lookahead  {settings.lookahead_steps} steps on every site: loss change {run.realised:+.4f} realised, "
             f"{run.predicted:+.4f} predicted to first order (ratio {run.ratio:.2f})")
-        return {"lookahead": run.attribution, "lora_drop": run.lora_drop}
-    if name in ("kappa", "snr"):
-        return {name: (selectors.kappa_scores if name == "kappa" else selectors.snr_scores)(model, sites)}
-    if name == "params":
-        return {name: {s.name: float(s.d_in + s.d_out) for s in sites}}
-    try:  # any other score through the score registry, where the package has one
-        from ..probe import registry
-    except ImportError:
-        registry = None
-    if registry is None or name not in registry.score_names():
-        raise PlacementError(f"score {name} is not available to recommend: choose another selector")
-    context = registry.ScoreContext(model=model, sites=sites, batches=calib, settings=settings.probe_settings())
-    return {name: registry.get_score(name).compute(context)}
+    return scores
 
 
 def scores_and_base(model, tokenizer, source, data: str, train_set: list, settings, progress: bool = False,
@@ -53,13 +39,10 @@ def scores_and_base(model, tokenizer, source, data: str, train_set: list, settin
                               max_length=settings.max_length, settings=settings.probe_settings(), bootstrap=0,
                               progress=progress)
     ranked = profile.ranked
-    scores = {c: dict(zip(ranked["site"], ranked[c].astype(float))) for c in PROBE_COLUMNS if c in ranked.columns}
-    sites = find_sites(model)
-    needed = {get_selector(name).score for name in settings.selectors} - {None} - set(scores)
-    run_scores = {}
-    for name in sorted(needed):
-        if name not in run_scores:
-            run_scores.update(_computed(name, model, sites, calib, settings, log))
+    scores = {c: dict(zip(ranked["site"], ranked[c].astype(float))) for c in score_names() if c in ranked.columns}
+    needed = [get_selector(name).score for name in settings.selectors]
+    needed = [name for name in dict.fromkeys(needed) if name is not None and name not in scores]
+    run_scores = computed_scores(needed, model, find_sites(model), calib, settings, log)
     spectrum = None
     if profile.result.spectrum is not None:
         spectrum = dict(zip(profile.result.scores["site"], profile.result.spectrum))

@@ -19,12 +19,12 @@ import copy
 import gc
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import PlacementError
 from ..outputs import write_json
-from ..plan.budget import Pick, budget_label, budget_params, get_selector
+from ..plan.budget import Pick, budget_label, budget_params, get_selector, selectors
 from ..plan.plan import Plan
 from ..plan.strategies import Strategy
 from . import trials as tq
@@ -35,27 +35,49 @@ SETTINGS = "recommend.json"
 PLANS = "plans"
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PlacementError(f"--rates {text} is not a list of numbers: write e.g. 1e-3,3e-3,1e-2") from None
+
+
 @dataclass
 class RecommendSettings:
-    budgets: list[float] = field(default_factory=lambda: [1.0, 2.5, 5.0])  # percent of all-linear at rank r
+    """What a recommendation runs. Fields with a "help" are recommend's own options; the others take the value of
+    the option of the same name that another settings group declares (--budget, --max-params, --r, --alpha,
+    --fast, --lookahead-steps, --lookahead-lr, --batches, --batch-size, --max-length, --seed, --test,
+    --validation), so each option is declared once."""
+
+    selectors: tuple[str, ...] = field(default=DEFAULT_SELECTORS, metadata={
+        "help": "comma-separated selectors, each a registered score or a role rule, of: " + ", ".join(selectors()),
+        "parse": _names, "show": ",".join})
+    trial_steps: int = field(default=20, metadata={
+        "help": "steps of a rung-0 trial (rung 1: three times as many, two seeds)", "range": (1, 10 ** 6)})
+    rates: tuple[float, ...] = field(default=(1e-3, 3e-3, 1e-2), metadata={
+        "help": "comma-separated learning rates of the sweep on page's plan that picks each budget's rate",
+        "parse": _rates, "show": lambda v: ",".join(f"{x:g}" for x in v)})
+    budget: tuple[float, ...] = (1.0, 2.5, 5.0)  # percents of all-linear at rank r
     max_params: int | None = None  # one budget of this many parameters instead
-    selectors: tuple[str, ...] = DEFAULT_SELECTORS
-    trial_steps: int = 20
-    rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the sweep on page's plan
     r: int = 8
     alpha: float = 16
-    fast: bool = False
+    mode: str = "exact"  # the probe's; --fast: no page_opt
     batches: int = 8  # calibration batches for the probe and the lookahead run
     batch_size: int = 8
     max_length: int = 256
     eval_batch_size: int = 16
     seed: int = 0  # the data split (as compare's) and the probe
-    test: int | None = None
-    validation: int | None = None
+    n_test: int | None = None
+    n_validation: int | None = None
     lookahead_steps: int = 16
     lookahead_lr: float = 3e-3
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        self.selectors, self.rates, self.budget = tuple(self.selectors), tuple(self.rates), tuple(self.budget)
         if self.trial_steps < 1:
             raise PlacementError(f"--trial-steps {self.trial_steps} trains nothing: pass at least 1")
         for name in self.selectors:
@@ -65,14 +87,22 @@ class RecommendSettings:
                                  "selector")
         if self.max_params is not None and self.max_params < 1:
             raise PlacementError(f"--max-params {self.max_params} is not a budget: pass a positive count")
+        if not self.budget and self.max_params is None:
+            raise PlacementError("no budget to recommend at: pass --budget, e.g. 1%,2.5%,5%, or --max-params")
         if not self.rates or any(not (lr > 0 and math.isfinite(lr)) for lr in self.rates):
             raise PlacementError("the rate grid must hold positive learning rates")
+        self.probe_settings()  # the probe's own checks (rank, alpha, the lookahead run)
+
+    @property
+    def fast(self) -> bool:
+        return self.mode == "fast"
 
     def probe_settings(self):
         from ..probe.settings import ProbeSettings
 
-        return ProbeSettings(r=self.r, alpha=self.alpha, seed=self.seed, mode="fast" if self.fast else "exact",
-                             spectrum_k=64 if "page_opt" in self.selectors else 0)
+        return ProbeSettings(r=self.r, alpha=self.alpha, seed=self.seed, mode=self.mode,
+                             spectrum_k=64 if "page_opt" in self.selectors else 0,
+                             lookahead_steps=self.lookahead_steps, lookahead_lr=self.lookahead_lr)
 
 
 # -- budgets and entries ---------------------------------------------------------------------------------------
@@ -90,7 +120,7 @@ def budgets_of(rows: list[dict], settings: RecommendSettings) -> dict[str, int]:
             raise PlacementError(f"--max-params {settings.max_params} is below the smallest rank-{settings.r} "
                                  f"adapter here ({smallest} parameters): raise it")
         return {str(settings.max_params): settings.max_params}
-    return {budget_label(p): budget_params(p, rows, settings.r) for p in settings.budgets}
+    return {budget_label(p): budget_params(p, rows, settings.r) for p in settings.budget}
 
 
 def entry_name(selector: str, budget: str) -> str:
@@ -110,10 +140,7 @@ def load_plans(folder: str | Path, record: dict) -> dict:
 
 
 def settings_from(record: dict) -> RecommendSettings:
-    values = dict(record["settings"])
-    values["selectors"] = tuple(values["selectors"])
-    values["rates"] = tuple(values["rates"])
-    return RecommendSettings(**values)
+    return RecommendSettings(**record["settings"])
 
 
 def plan_for(base: Plan, chosen: Pick, label: str) -> Plan:
@@ -128,7 +155,7 @@ def plan_for(base: Plan, chosen: Pick, label: str) -> Plan:
 
 
 def to_record(settings: RecommendSettings) -> dict:
-    return asdict(replace(settings, selectors=list(settings.selectors), rates=list(settings.rates)))
+    return asdict(settings)
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -184,7 +211,7 @@ def prepare(model, tokenizer, source, data: str, settings: RecommendSettings, *,
     from ..data import load_splits
     from .candidates import entrant_plans, scores_and_base, selector_plans
 
-    splits = load_splits(data, None, settings.test, settings.validation, settings.seed)
+    splits = load_splits(data, None, settings.n_test, settings.n_validation, settings.seed)
     if not splits[1]:
         raise PlacementError(f"{data} leaves no validation example to judge trials by: add data or pass --validation")
     budgets = budgets_of(site_rows(model), settings)
@@ -223,7 +250,6 @@ def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettin
     `resume` the finished trials of the run's store are kept (start it again while no other worker runs)."""
     from .recommend_report import write_outputs
 
-    settings.check()
     folder = Path(out)
     splits, budgets, base, plans = prepare(model, tokenizer, source, data, settings, entrants=entrants, log=log,
                                            progress=progress)
@@ -245,7 +271,7 @@ def join_recommend(folder: str | Path, *, storage: str | None = None, device: st
     queue = open_queue(Path(folder), storage or record["storage"], create=False)
     settings = settings_from(record)
     model, tokenizer, _ = load(record["model"], device=device)
-    splits = load_splits(record["data"], None, settings.test, settings.validation, settings.seed)
+    splits = load_splits(record["data"], None, settings.n_test, settings.n_validation, settings.seed)
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), load_plans(folder, record), settings)
     return run_trials(bench, queue, progress, log)
 
@@ -254,8 +280,7 @@ def dry_run(model, tokenizer, data: str, settings: RecommendSettings, entrants=(
     """The cost line of a run, without probing or writing anything."""
     from ..data import load_splits
 
-    settings.check()
-    splits = load_splits(data, None, settings.test, settings.validation, settings.seed)
+    splits = load_splits(data, None, settings.n_test, settings.n_validation, settings.seed)
     cost = estimate(model, tokenizer, trial_splits(splits, settings), dry_entries(model, settings, entrants, log),
                     settings)
     log(cost_line(cost))
@@ -269,9 +294,7 @@ def recommend(model: str, data: str, budgets="1%,2.5%,5%", out: str | Path = "re
     from ..outputs import run_folder
     from ..plan.budget import parse_budgets
 
-    chosen = RecommendSettings(budgets=parse_budgets(budgets) if isinstance(budgets, str) else list(budgets),
-                               **settings)
-    chosen.check()
+    chosen = RecommendSettings(budget=parse_budgets(budgets) if isinstance(budgets, str) else budgets, **settings)
     with run_folder(out, overwrite=overwrite):
         lm, tokenizer, source = load(model)
         return run_recommend(lm, tokenizer, source, data, chosen, out, storage=storage, entrants=entrants,

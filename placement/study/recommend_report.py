@@ -2,19 +2,15 @@
 ordinary plan per budget (strategy `recommended`, the trials' summary in its `provenance`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import PlacementError
 from ..outputs import write_csv, write_json, write_text
+from ..plan.budget import DECISION, RECOMMENDATION, plan_file, recommended_path
 from ..plan.plan import Plan
-
-RECOMMENDATION = "recommendation.md"
-DECISION = "recommendation.json"
 
 
 def trials_frame(results: dict, full: int) -> pd.DataFrame:
@@ -100,10 +96,6 @@ def pareto(frame: pd.DataFrame, decision: dict, path) -> None:
     _save(fig, path)
 
 
-def plan_file(budget: str) -> str:
-    return f"plan-{budget}.json"
-
-
 def recommended(plan: Plan, budget: str, d: dict, settings) -> Plan:
     provenance = {"kind": "recommend", "budget": budget, "selector": d["selector"], "val_loss": d["val_loss"],
                   "spread": d["spread"], "same_sites": d["same_sites"], "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
@@ -124,18 +116,6 @@ def write_outputs(folder, results: dict, plans: dict, full: int, settings) -> di
     write_text(folder / RECOMMENDATION, markdown(decision, full, settings))
     write_json(folder / DECISION, decision)
     return decision
-
-
-def recommended_path(folder: str | Path, budget: str) -> Path:
-    """The recommended plan file of a recommendation folder at `budget` (e.g. 2.5% or 2.5)."""
-    folder = Path(folder)
-    if not (folder / DECISION).is_file():
-        raise PlacementError(f"{folder} holds no recommendation: run placement recommend --out {folder} first")
-    path = next((folder / plan_file(b) for b in (budget, f"{budget}%") if (folder / plan_file(b)).is_file()), None)
-    if path is None:
-        known = list(json.loads((folder / DECISION).read_text(encoding="utf-8")))
-        raise PlacementError(f"{folder} has no recommendation at budget {budget}: choose one of {', '.join(known)}")
-    return path
 
 
 def recommended_plan(folder: str | Path, budget: str) -> Plan:
