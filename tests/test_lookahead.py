@@ -10,7 +10,8 @@ from tiny import tiny_model
 from placement.errors import PlacementError
 from placement.model.loss import token_loss
 from placement.model.sites import find_sites
-from placement.probe.lookahead import LookaheadSettings, lookahead_run, params_score
+from placement.probe.lookahead import LookaheadSettings, lookahead_run
+from placement.probe.registry import get_score
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=True, use_rslora=False)
 SEED = 3
@@ -119,6 +120,29 @@ def test_params_score_and_bad_settings():
         pass
     ctx = Ctx()
     ctx.sites = sites
-    assert params_score(ctx) == {s.name: float(s.d_in + s.d_out) for s in sites}
+    assert get_score("params").compute(ctx) == {s.name: float(s.d_in + s.d_out) for s in sites}
     with pytest.raises(PlacementError, match="lookahead-steps"):
         lookahead_run(model, sites, [random_batch(0)], LORA, 0, LookaheadSettings(steps=0))
+
+
+def test_recommend_computes_both_training_scores_from_one_run(monkeypatch):
+    """The scores a selector reads come through the registry on one context: lookahead and lora_drop share a run
+    (the one the log line reports), and equal that run's own values."""
+    from placement.probe import lookahead
+    from placement.study.candidates import computed_scores
+    from placement.study.recommend import RecommendSettings
+
+    model = tiny_model("llama")
+    sites = find_sites(model)
+    batches = [random_batch(0), random_batch(1)]
+    runs = []
+    real = lookahead.lookahead_run
+    monkeypatch.setattr(lookahead, "lookahead_run", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    settings = RecommendSettings(r=4, alpha=8, seed=SEED, lookahead_steps=2, selectors=("lookahead", "lora_drop"))
+    lines = []
+    scores = computed_scores(["lookahead", "lora_drop", "params"], model, sites, batches, settings, lines.append)
+    assert len(runs) == 1 and set(scores) == {"lookahead", "lora_drop", "params"}
+    assert scores["lookahead"] == runs[0].attribution and scores["lora_drop"] == runs[0].lora_drop
+    assert len(lines) == 1 and "realised" in lines[0] and f"{runs[0].realised:+.4f}" in lines[0]
+    alone = real(model, sites, batches, LORA, SEED, LookaheadSettings(steps=2))
+    assert alone.attribution == runs[0].attribution  # the settings reach the run: rank, alpha, seed, steps
