@@ -53,7 +53,9 @@ def test_the_built_in_scores_are_registered_with_their_needs():
     assert all(SCORES[n].help and "\n" not in SCORES[n].help for n in SCORES)
     # order-only figures are not rankings: they are computed where used, not in every profile
     assert {"kappa", "snr", "params", "coherence"}.isdisjoint(ranking_names())
-    assert profile_names("page") == [n for n in ranking_names() if SCORES[n].needs != "probe"]
+    # training scores (a run of their own) only when they rank
+    assert profile_names("page") == [n for n in ranking_names() if SCORES[n].needs not in ("probe", "training")]
+    assert "lookahead" in profile_names("lookahead") and "lora_drop" not in profile_names("lookahead")
 
 
 def test_every_probe_score_is_a_column_the_probe_writes(batches):
