@@ -109,7 +109,8 @@ def sites(model, listing, output):
 @settings(model=ModelArgs, data=use(DataArgs, "data"), calibration=use(CalibrationArgs, "batches"),
           batching=use(TrainSettings, *BATCHING, "checkpointing", build=False),
           probe=use(ProbeSettings, "r", "alpha", "use_rslora", "mode", "draws", "spectrum_k"), chosen=ProfileArgs,
-          strategy=use(StrategyArgs, "strategy", "k", "max_params", "strategy_seed"), run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
+          strategy=use(StrategyArgs, "strategy", "k", "max_params", "strategy_seed"), run=use(RunArgs, *RUN),
+          output=OutputArgs, launch=LaunchArgs)
 @launchable
 def profile(model, data, calibration, batching, probe, chosen, strategy, run, output, launch):
     """Probe every site on calibration batches, rank them, and write scores.csv, plan.json and heatmap.png."""
