@@ -197,14 +197,14 @@ def _random_one(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     return [random.Random(strategy.seed).choice(sorted(rows, key=lambda s: s["site"]))]
 
 
+def _by_rank(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda s: s["rank"])
+
+
 def _recommended(folder, budget: str):
     from .budget import recommended_path  # budget.py builds on this module
 
     return recommended_path(folder, budget)
-
-
-def _by_rank(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda s: s["rank"])
 
 
 register(Kind("dominant", "the top site of the ranking", lambda rows, st, r: _by_rank(rows)[:1], arm="dominant"))
