@@ -202,8 +202,8 @@ def train_cmd(plan_path, model, data, eval_data, n_test, n_validation, steps, ch
 @compare_options
 @writes_run
 def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, lr, batch_size, max_length, seed,
-            max_new_tokens, arms, rank, variant, alpha, scores, batches, lr_sweep, lr_grid, sweep_arms, sweep_steps,
-            seeds, resume, out, overwrite, make_report, as_json, quiet):
+            max_new_tokens, arms, plan_arms, rank, variant, alpha, scores, batches, lr_sweep, lr_grid, sweep_arms,
+            sweep_steps, seeds, resume, out, overwrite, make_report, as_json, quiet):
     """Train every arm on the same data, order, steps and seed; tabulate quality, parameters, time and memory."""
     from .probe import ProbeSettings
     from .study.compare import CompareSettings, compare_inputs, parse_rates
@@ -215,7 +215,8 @@ def compare(model, data, eval_data, n_test, n_validation, steps, checkpointing, 
     probe_settings = ProbeSettings(r=rank, alpha=alpha, seed=seed)
     probe_settings.check()
     splits = _splits(data, eval_data, n_test, n_validation, seed, quiet)
-    parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens, variant)
+    parsed, swept, base = compare_inputs(arms, splits, lr_sweep, sweep_arms, scores, max_new_tokens, variant,
+                                         plan_arms)
     compare_settings = CompareSettings(parsed, settings, lr_sweep=lr_sweep, sweep_arms=swept, seeds=seeds,
                                        lrs=parse_rates(lr_grid), max_new_tokens=max_new_tokens,
                                        sweep_steps=sweep_steps, resume=resume)

@@ -232,6 +232,8 @@ compare_options = options(  # compare: the model, data and training, the arms an
     train_options,
     click.option("--arms", default="dominant,all-linear,attn-qv,ffn,last-2,random-1,top-4", show_default=True,
                   help="comma-separated: " + arm_help()),
+    click.option("--plan-arm", "plan_arms", multiple=True, metavar="LABEL=PATH",
+                 help="a plan file trained as one more arm, named LABEL (repeatable)"),
     click.option("--r", "rank", type=int, default=8, show_default=True, help="LoRA rank of arms without :rN"),
     variant_option,
     click.option("--alpha", type=float, default=16, show_default=True,

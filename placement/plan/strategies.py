@@ -181,6 +181,21 @@ def _random_one(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     return [random.Random(strategy.seed).choice(sorted(rows, key=lambda s: s["site"]))]
 
 
+def _random_fill(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    """Sites in a random order (drawn from `strategy.seed`), each taken while it still fits --max-params."""
+    order = sorted(rows, key=lambda s: s["site"])
+    random.Random(strategy.seed).shuffle(order)
+    chosen, spent = [], 0
+    for s in order:
+        if spent + lora_params(s, r) <= strategy.max_params:
+            chosen.append(s)
+            spent += lora_params(s, r)
+    if not chosen:
+        raise PlacementError(f"--max-params {strategy.max_params} fits no site: the smallest LoRA here has "
+                             f"{min(lora_params(s, r) for s in rows)} parameters")
+    return chosen
+
+
 def _by_rank(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda s: s["rank"])
 
@@ -198,6 +213,8 @@ register(Kind("attn-qv", "the query and value projections", _by_role(ATTN_QV), a
 register(Kind("ffn", "every feed-forward projection", _by_role(FFN), arm="ffn"))
 register(Kind("last-k", "every site of the last N layers", _last_layers, option="k", arm="last", count="required"))
 register(Kind("random-1", "one site drawn without looking at scores (the control)", _random_one, arm="random-1"))
+register(Kind("random", "sites drawn at random filling a share of all-linear's parameters (a control)", _random_fill,
+              option="max_params", arm="random", count="percent", planned=False))
 register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, no data",
               from_weights=selectors.kappa_targets, arm="kappa", count="optional", planned=False))
 register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",
@@ -332,6 +349,8 @@ def _size_modifier(label: str, kind: Kind, mods: str) -> int | None:
         if key != kind.modifier:
             takes = f"takes :{kind.modifier}N, {_MODIFIERS[kind.modifier]}" if kind.modifier else "takes no size"
             raise PlacementError(f"arm '{label}': :{key} is {_MODIFIERS[key]}; {kind.arm} {takes}")
+        if size is not None:
+            raise PlacementError(f"arm '{label}' gives its {_SIZE_NAMES[key]} twice: keep one :{key}N")
         size = int(value)
         if size < 1:
             raise PlacementError(f"arm '{label}' has {_SIZE_NAMES[key]} 0, which leaves nothing to train: give a "
@@ -350,6 +369,8 @@ def parse_arms(spec: str) -> list[Arm]:
 
 def check_arms(arms: list[Arm], model) -> None:
     """Refuse an arm this model cannot give (more sites or layers than it has) before anything is computed."""
+    from ..families import get_family
+
     sites = len(find_sites(model))
     layers = num_layers(model)
     for arm in arms:
@@ -357,6 +378,8 @@ def check_arms(arms: list[Arm], model) -> None:
         if arm.k is None:
             continue
         limit, what = (layers, "layers") if arm.strategy in ("last-k", "llama-adapter") else (sites, "candidate sites")
+        if ranked_family(arm):  # another family's top-N counts that family's own sites
+            limit, what = len(get_family(arm_family(arm)).find_sites(model)), f"{arm_family(arm)} sites"
         if arm.k > limit:
             raise PlacementError(f"arm '{arm.label}' asks for {arm.k} {what}, but this model has {limit}: "
                                  f"pass N of at most {limit}")
