@@ -115,7 +115,7 @@ def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
         return "" if v is None or pd.isna(v) else fmt(v)
 
     def with_interval(row, name, fmt):
-        shown = value(row[name], fmt)
+        shown = value(row.get(name), fmt)
         if shown and row.get("interval") == "none" and int(row.get("seeds") or 0) == 2:
             return shown + " [none: 2 seeds]"
         lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
