@@ -93,22 +93,19 @@ def test_a_plan_file_is_an_arm_and_a_resume_refuses_another_kind_under_its_label
     base.with_strategy(Strategy("top-k", k=2)).save(tmp_path / "mine.json")
     splits = data_mod.task_splits(boolean_examples(24), None, test=4, validation=2, seed=0)
     arms, _, _ = compare_inputs("dominant,random-1", splits, False, None, None, 4,
-                                plan_arms=[f"mine={tmp_path / 'mine.json'}"])
+                                plan_arms=[f"top-2={tmp_path / 'mine.json'}"])
     assert isinstance(arms[-1], PlanArm) and arms[-1].digest.startswith("sha256:")
     settings = CompareSettings(arms, TrainSettings(steps=1, batch_size=4, max_length=48), seeds=2, max_new_tokens=2)
     comparison = run_compare(model, tokenizer, base, splits, settings, tmp_path / "c", log=lambda line: None)
     rows = comparison.table.set_index("arm")
-    assert rows.loc["mine", "sites"] == 2 and rows.loc["random-1", "draws"].startswith("seed 0: ")
-    metrics = json.loads((tmp_path / "c" / "arms" / "mine" / "seed-0" / "metrics.json").read_text())
+    assert rows.loc["top-2", "sites"] == 2 and rows.loc["random-1", "draws"].startswith("seed 0: ")
+    metrics = json.loads((tmp_path / "c" / "arms" / "top-2" / "seed-0" / "metrics.json").read_text())
     assert metrics["arm_kind"] == "plan file" and "placement_version" in metrics and "git_commit" in metrics
     from placement.study.tables import notes
     text = notes(comparison.table)
     assert "t = seed-level paired t-test" in text and "random-1 draws its sites anew" in text
-    swapped, _, _ = compare_inputs("dominant,random-1", splits, False, None, None, 4,
-                                   plan_arms=[f"top-2={tmp_path / 'mine.json'}"])
-    (tmp_path / "c" / "arms" / "top-2").mkdir()
-    (tmp_path / "c" / "arms" / "top-2" / "seed-0").symlink_to(tmp_path / "c" / "arms" / "dominant" / "seed-0")
-    with pytest.raises(PlacementError, match="was a lora:dominant arm in the earlier run and is a plan file"):
+    swapped, _, _ = compare_inputs("dominant,top-2", splits, False, None, None, 4)  # top-2 now the strategy
+    with pytest.raises(PlacementError, match="'top-2' was a plan file arm in the earlier run and is a lora:top-k"):
         run_compare(model, tokenizer, base, splits,
                     CompareSettings(swapped, settings.train, seeds=2, max_new_tokens=2, resume=True),
                     tmp_path / "c", log=lambda line: None)
@@ -134,7 +131,8 @@ def test_a_plan_arm_that_is_not_a_plan_or_is_for_another_model_is_one_line(make_
     other = make_plan(tiny_model("llama", num_hidden_layers=4), Strategy("top-k", k=2))
     other.save(tmp_path / "other.json")
     model = tiny_model("llama", num_hidden_layers=2)
-    arm = compare_inputs("dominant", ([], [], []), False, None, None, 4, plan_arms=[f"o={tmp_path / 'other.json'}"])[0][-1]
+    arm = compare_inputs("dominant", ([], [], []), False, None, None, 4,
+                         plan_arms=[f"o={tmp_path / 'other.json'}"])[0][-1]
     with pytest.raises(PlacementError, match="--plan-arm o: .* is for another model"):
         arm_plans(arm, make_plan(model, Strategy("dominant")), model, 4, seeds=1, base_seed=0, data_key="")
 
@@ -161,3 +159,12 @@ def test_the_table_names_the_test_behind_every_p():
                            "p_exact_match_2_test": "boot", "sec_per_step": 1.0, "peak_mem_mb": 10}])
     shown = formatted_table(table).iloc[0]
     assert shown["p exact"] == "0.15 n.s. (t)" and shown["p exact (2nd)"] == "<0.001 (boot)"
+
+
+def test_the_command_line_takes_plan_arms_and_refuses_a_file_that_is_no_plan(invoke, model_dir, tmp_path,
+                                                                             assert_one_line_error):
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    result = invoke("compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant",
+                    "--plan-arm", f"mine={tmp_path / 'notes.json'}", "--out", tmp_path / "o", "--quiet")
+    assert_one_line_error(result, "--plan-arm mine", "schema")
+    assert not (tmp_path / "o").exists()

@@ -167,8 +167,6 @@ def train_arm(model, tokenizer, plans: list[Plan], arm: Arm, splits, settings: C
     finished seeds are kept with --resume."""
     folders = [folder] if settings.seeds == 1 else [folder / f"seed-{k}" for k in range(settings.seeds)]
     keys = [_arm_key(plan, settings, arm, seed, splits) for seed, plan in enumerate(plans)]
-    if settings.resume:
-        _check_same_kind(arm, folders)
     done = [_finished(f, k) if settings.resume else None for f, k in zip(folders, keys)]
     kept = next((d for d in done if d is not None), None)
     if kept is not None:
@@ -219,6 +217,9 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
                        max_new_tokens=settings.max_new_tokens, progress=progress)
     full = base.all_linear_params()
     settings.check()
+    for arm in settings.arms if settings.resume else ():  # before anything is trained or written
+        folder = out / "arms" / arm_folder(arm)
+        _check_same_kind(arm, [folder] + [folder / f"seed-{k}" for k in range(settings.seeds)])
     rows, curves = _floor_rows(model, tokenizer, splits, settings, eval_kwargs, kind, out, log), {}
     default_k, data_key = selector_k(settings.arms), data_fingerprint(splits[0])
     first: list[ArmRun] | None = None

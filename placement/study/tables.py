@@ -15,8 +15,9 @@ from ..report.figures import loss_curves
 from . import stats
 
 TABLE_COLUMNS = ["arm", "family", "sites", "r", "trainable_params", "params_pct", "lr", "lr_at_edge", "seeds",
-                 "eval_loss", "eval_loss_lo", "eval_loss_hi", "val_loss", "exact_match", "exact_match_lo", "exact_match_hi",
-                 "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb", "train_loss_last",
+                 "eval_loss", "eval_loss_lo", "eval_loss_hi", "val_loss", "exact_match", "exact_match_lo",
+                 "exact_match_hi", "balanced_accuracy", "p_exact_match", "p_eval_loss", "sec_per_step", "peak_mem_mb",
+                 "train_loss_last",
                  "interval", "p_exact_match_test", "p_exact_match_2", "p_exact_match_2_test", "p_eval_loss_test",
                  "p_eval_loss_2", "p_eval_loss_2_test", "diff_exact_match", "diff_exact_match_lo",
                  "diff_exact_match_hi", "diff_eval_loss", "diff_eval_loss_lo", "diff_eval_loss_hi", "exact_match_sd",
