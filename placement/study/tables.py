@@ -64,7 +64,8 @@ def statistics(runs: list[ArmRun], first: list[ArmRun] | None, seed: int = 0) ->
         mine = grid(runs, column)
         if mine is None or any(v is None or pd.isna(v) for v in per_seed):
             continue
-        out[f"{name}_lo"], out[f"{name}_hi"], out["interval"] = stats.arm_interval(mine, per_seed, binary, top, seed)
+        out[f"{name}_lo"], out[f"{name}_hi"], method = stats.arm_interval(mine, per_seed, binary, top, seed)
+        out["interval"] = "/".join(dict.fromkeys(filter(None, [out.get("interval"), method])))
         if len(runs) > 1:
             out[f"{name}_sd"] = float(np.std(per_seed, ddof=1))
         theirs = grid(first, column) if first is not None else None
@@ -163,20 +164,31 @@ def notes(table: pd.DataFrame) -> str:
     numbers, what the random arms drew, and the code each arm ran with."""
     arms = table[~table["arm"].isin(["base", "majority"])]
     lines = []
-    if len(arms) > 1:
-        tested = arms.iloc[1:]
-        used = {t for c in ("p_exact_match_test", "p_exact_match_2_test", "p_eval_loss_test", "p_eval_loss_2_test")
-                if c in tested for t in tested[c].dropna() if t}
+    tested = arms.iloc[1:]
+    used = {t for c in ("p_exact_match_test", "p_exact_match_2_test", "p_eval_loss_test", "p_eval_loss_2_test")
+            if c in tested for t in tested[c].dropna() if t}
+    if used:
         lines.append(f"Δ and p compare each arm with the first, {arms.iloc[0]['arm']}, on the same test questions; "
                      "(2nd) is the second test. Tests: "
                      + "; ".join(f"{name} = {stats.TESTS[name]}" for name in stats.TESTS if name in used) + ".")
-    methods = [m for m in stats.INTERVALS if m in set(table.get("interval", pd.Series(dtype=str)).dropna())]
-    if methods:
-        lines.append("Intervals: " + "; ".join(f"{m} = {stats.INTERVALS[m]}" for m in methods) + ".")
-    for _, arm in arms[arms["draws"].fillna("") != ""].iterrows() if "draws" in arms else []:
-        lines.append(f"{arm['arm']} draws its sites anew for each seed, so its spread is over draws ({arm['draws']}).")
+    found = {m for text in table.get("interval", pd.Series(dtype=str)).dropna() for m in str(text).split("/")}
+    if found & set(stats.INTERVALS):
+        lines.append("Intervals: " + "; ".join(f"{m} = {v}" for m, v in stats.INTERVALS.items() if m in found) + ".")
+    lines += [draws_note(arm["arm"], arm["draws"]) for _, arm in arms.iterrows()
+              if isinstance(arm.get("draws"), str) and arm["draws"]]
     lines.append(code_note(arms))
     return "\n\n".join(line for line in lines if line)
+
+
+def draws_note(label: str, drawn: str) -> str:
+    """What a random control drew; several seeds that drew the same sites spread over training seeds alone."""
+    per_seed = [d.split(": ", 1)[-1] for d in drawn.split("; ")]
+    if len(per_seed) == 1:
+        return f"{label} drew {per_seed[0]}."
+    if len(per_seed) > 1 and len(set(per_seed)) == 1:
+        return (f"{label} drew the same sites for every seed ({per_seed[0]}): its spread is over training seeds "
+                "only, not over draws.")
+    return f"{label} draws its sites anew for each seed, so its spread is over draws ({drawn})."
 
 
 def code_note(arms: pd.DataFrame) -> str:
