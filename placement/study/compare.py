@@ -29,7 +29,7 @@ from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerp
 from .arms import (PlanArm, arm_folder, arm_kind, arm_plan, arm_plans, code_record, family_rankings,  # noqa: F401
                    read_arms, read_family_ranking, with_default_variant)
 from .tables import (TABLE_COLUMNS, ArmRun, Comparison, arm_row, demo_summary, em_text, formatted_table,  # noqa: F401
-                     row, statistics, variant_note, write_comparison)
+                     notes, row, statistics, variant_note, write_comparison)
 
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
