@@ -168,3 +168,19 @@ def test_the_command_line_takes_plan_arms_and_refuses_a_file_that_is_no_plan(inv
                     "--plan-arm", f"mine={tmp_path / 'notes.json'}", "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(result, "--plan-arm mine", "schema")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_arm_that_ran_with_other_code_says_so():
+    from placement.study.compare import ArmRun, _kept, code_record
+    from placement.study.tables import code_note
+
+    now = code_record()
+    old = ArmRun({"placement_version": "0.0.1", "git_commit": "abc"}, pd.DataFrame(), [])
+    said = []
+    _kept(parse_arms("dominant")[0], 0, old, said.append)
+    assert "it ran with placement 0.0.1, commit abc; this run is" in said[0]
+    _kept(parse_arms("dominant")[0], 1, ArmRun(dict(now), pd.DataFrame(), []), said.append)
+    assert said[1] == "dominant, seed 1: kept from the earlier run"
+    arms = pd.DataFrame({"arm": ["a", "b"], "placement_version": ["0.0.1", "0.2"], "git_commit": ["abc", "def"]})
+    assert code_note(arms) == ("The arms ran with different code (a resumed run): a with placement 0.0.1 (commit abc); "
+                               "b with placement 0.2 (commit def).")
