@@ -92,11 +92,20 @@ def paired_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0) -> dict:
             "p": _floored_p((means <= 0).mean(), (means >= 0).mean(), n_boot)}
 
 
+def _crossed_chunks(seeds: int, questions: int, n_boot: int, seed: int, chunk: int = 250):
+    """The resamples of a crossed design, a chunk at a time (B x questions indices at once could fill the memory):
+    per resample, seed indices and question indices drawn with replacement, one draw serving both arms, which is
+    what pairs them."""
+    seed_rng, question_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        yield seed_rng.integers(0, seeds, (size, seeds)), question_rng.integers(0, questions, (size, questions))
+
+
 def crossed_draws(seeds: int, questions: int, n_boot: int = N_BOOT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The resamples of a crossed design: per resample, seed indices and question indices drawn with replacement
-    (one draw serves both arms, which is what pairs them)."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, seeds, (n_boot, seeds)), rng.integers(0, questions, (n_boot, questions))
+    """Every resample's seed indices (B x seeds) and question indices (B x questions), as the bootstrap draws them."""
+    chunks = list(_crossed_chunks(seeds, questions, n_boot, seed))
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
 def crossed_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0) -> dict:
@@ -110,11 +119,13 @@ def crossed_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     n_seeds, n_questions = diff.shape
     if diff.size == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "p": float("nan")}
-    seed_idx, question_idx = crossed_draws(n_seeds, n_questions, n_boot, seed)
-    # the mean over the resampled grid, from how often each seed and each question was drawn
-    seed_counts = np.stack([np.bincount(row, minlength=n_seeds) for row in seed_idx])
-    question_counts = np.stack([np.bincount(row, minlength=n_questions) for row in question_idx])
-    means = ((seed_counts @ diff) * question_counts).sum(axis=1) / (n_seeds * n_questions)
+    means = []
+    for seed_idx, question_idx in _crossed_chunks(n_seeds, n_questions, n_boot, seed):
+        # the mean over the resampled grid, from how often each seed and each question was drawn
+        seed_counts = np.stack([np.bincount(row, minlength=n_seeds) for row in seed_idx])
+        question_counts = np.stack([np.bincount(row, minlength=n_questions) for row in question_idx])
+        means.append(((seed_counts @ diff) * question_counts).sum(axis=1) / (n_seeds * n_questions))
+    means = np.concatenate(means)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean": float(diff.mean()), "lo": float(lo), "hi": float(hi),
             "p": _floored_p((means <= 0).mean(), (means >= 0).mean(), n_boot)}
