@@ -15,10 +15,9 @@ import pandas as pd
 
 from ..errors import PlacementError
 from ..families import lora
-from ..families.bottleneck import DEFAULT_REDUCTION
-from ..families.prompts import DEFAULT_LENGTH, PROMPT_FAMILIES
+from ..families import get_family
 from ..plan.plan import Plan, prompt_plan
-from ..plan.strategies import REGISTRY, Arm, arm_family, arm_strategy, parse_arms
+from ..plan.strategies import Arm, arm_family, arm_strategy, parse_arms
 from .tables import RANDOM_KINDS
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+%:-]*")
@@ -62,9 +61,15 @@ def _identity(arm: Arm) -> tuple:
     """Two arms with the same identity train the same thing, whatever their spelling."""
     if isinstance(arm, PlanArm):
         return ("plan", arm.digest)
-    family, modifier = arm_family(arm), REGISTRY[arm.strategy].modifier
-    size = arm.size or {"rf": DEFAULT_REDUCTION, "len": DEFAULT_LENGTH}.get(modifier)
+    family = arm_family(arm)
+    size = arm.size or _default_size(family)
     return (arm.strategy, arm.k, arm.r, arm.percent, (arm.variant or "lora") if family == "lora" else None, size)
+
+
+def _default_size(family: str) -> int | None:
+    """The size an arm of `family` takes when it gives none (LoRA's rank is the comparison's --r)."""
+    size = get_family(family).size
+    return size.default if family != "lora" and size is not None else None
 
 
 def check_distinct(arms: list[Arm]) -> None:
@@ -122,8 +127,8 @@ def arm_plan(arm: Arm, base: Plan, model, default_k: int, seed: int = 0, spectru
         plan.strategy["label"] = arm.label
         return plan
     family = arm_family(arm)
-    if family in PROMPT_FAMILIES:  # no linear sites to pick: the family reaches the embedding or whole blocks
-        return prompt_plan(base, model, family, arm.size or DEFAULT_LENGTH, arm.k, label=arm.label)
+    if get_family(family).virtual:  # no linear sites to pick: the family reaches the embedding or whole blocks
+        return prompt_plan(base, model, family, arm.size or _default_size(family), arm.k, label=arm.label)
     r = arm.r or base.peft["r"]
     full = sum(lora.lora_params(site, r) for site in base.sites)  # all-linear at the arm's rank: budgets' yardstick
     strategy = arm_strategy(arm, model, default_k, seed, all_linear_params=full, spectrum=spectrum, rows=base.sites,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PlacementError
 from ..outputs import write_csv
-from ..families.prompts import DEFAULT_LENGTH, PROMPT_FAMILIES
+from ..families import get_family
 from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_family, check_arms, parse_arms, ranked_family, read_spectrum, selector_k
 from ..train import evaluate as ev
@@ -90,8 +90,9 @@ class CompareSettings:
             given = "--sweep-arms" if self.sweep_arms is not None else "--lr-grid"
             raise PlacementError(f"{given} only shapes the learning-rate sweep: add --lr-sweep, or drop {given}")
         for arm in self.arms:
-            length = arm.size or DEFAULT_LENGTH
-            if arm_family(arm) in PROMPT_FAMILIES and length > self.train.max_length:
+            family = get_family(arm_family(arm))
+            length = arm.size or (family.size.default if family.size else 0)
+            if family.virtual and length > self.train.max_length:
                 raise PlacementError(f"arm '{arm.label}' adds {length} virtual tokens, longer than --max-length "
                                      f"{self.train.max_length}: pass a shorter :lenN")
 
