@@ -216,8 +216,8 @@ def train_cmd(job, model, data, train, evaluation, rank, adapter, run, output, l
 @main.command()
 @settings(model=ModelArgs, data=DataArgs,
           train=use(TrainSettings, "steps", "checkpointing", "lr", *BATCHING),
-          compare=use(CompareSettings, "max_new_tokens", "arms", "lr_sweep", "lrs", "sweep_arms", "sweep_steps",
-                      "seeds", build=False),
+          compare=use(CompareSettings, "max_new_tokens", "arms", "plan_arms", "lr_sweep", "lrs", "sweep_arms",
+                      "sweep_steps", "seeds", build=False),
           probe=use(ProbeSettings, "r", "alpha"), calibration=CalibrationArgs, adapter=AdapterArgs,
           run=use(RunArgs, *RUN, "resume"), output=OutputArgs, launch=LaunchArgs)
 @launchable
@@ -228,7 +228,7 @@ def compare(model, data, train, compare, probe, calibration, adapter, run, outpu
     _no_probe_options(calibration)
     splits = _splits(data, train.seed, output.quiet)
     arms, swept, base = compare_inputs(compare.arms, splits, compare.lr_sweep, compare.sweep_arms, calibration.scores,
-                                       compare.max_new_tokens, adapter.variant)
+                                       compare.max_new_tokens, adapter.variant, compare.plan_arms)
     study = CompareSettings(arms, train, lr_sweep=compare.lr_sweep, sweep_arms=swept, seeds=compare.seeds,
                                lrs=parse_rates(compare.lrs), max_new_tokens=compare.max_new_tokens,
                                sweep_steps=compare.sweep_steps, resume=run.resume)

@@ -116,8 +116,8 @@ def make_option(f: Field, value, origin: tuple):
         kwargs.update(flag_value=f.metadata["flag"], default=value)
     elif isinstance(value, bool):
         kwargs.update(is_flag=True, default=value)
-    elif value == ():
-        kwargs.update(multiple=True, required=True, type=_type(f))
+    elif value == ():  # a repeatable option; required unless the field says it may be left out ("many")
+        kwargs.update(multiple=True, required=not f.metadata.get("many"), type=_type(f))
     else:
         text = shown(f, value)
         kwargs.update(type=_type(f), required=text is MISSING, multiple=bool(f.metadata.get("multiple")))

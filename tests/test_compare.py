@@ -2,6 +2,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -92,7 +93,11 @@ def test_seeds_give_intervals_and_resume_keeps_finished_arms(make_plan, tmp_path
     first = run_compare(model, tokenizer, base, splits, settings, tmp_path, log=lambda line: None).table
     rows = first.set_index("arm")
     assert rows.loc["ffn", "seeds"] == 2 and (tmp_path / "arms" / "ffn" / "seed-1" / "metrics.json").is_file()
-    assert rows.loc["ffn", "eval_loss_lo"] <= rows.loc["ffn", "eval_loss"] <= rows.loc["ffn", "eval_loss_hi"]
+    # two seeds give no interval over seeds, and the table says so; the t-test over seeds is the primary test
+    assert pd.isna(rows.loc["ffn", "eval_loss_lo"]) and rows.loc["ffn", "interval"] == "none"
+    assert rows.loc["ffn", "p_eval_loss_test"] == "t" and rows.loc["ffn", "p_eval_loss_2_test"] == "boot"
+    from placement.study.compare import formatted_table
+    assert formatted_table(first).set_index("arm").loc["ffn", "held-out loss [95%]"].endswith("[none: 2 seeds]")
     kept = []
     again = run_compare(model, tokenizer, base, splits, replace(settings, resume=True), tmp_path, log=kept.append).table
     assert sum("kept from the earlier run" in line for line in kept) == 4
@@ -311,10 +316,12 @@ def test_an_ia3_arm_trains_peft_ia3_on_the_same_data(make_plan, tmp_path):
 
 
 def test_an_interval_over_few_seeds_stays_within_what_the_measure_can_take():
-    from placement.study.compare import _intervals
+    from placement.study.stats import arm_interval
 
-    out = _intervals([], losses=[0.2, 0.21, 2.9], ems=[0.0, 0.01, 0.33])
-    assert out["exact_match_lo"] == 0.0 and out["eval_loss_lo"] == 0.0
-    assert 0.33 < out["exact_match_hi"] <= 1.0 and out["eval_loss_hi"] > 2.9
-    narrow = _intervals([], losses=[1.0, 1.1, 1.2], ems=[0.3, 0.31, 0.32])
-    assert narrow["exact_match_lo"] == pytest.approx(0.31 - 4.303 * 0.01 / 3**0.5, abs=1e-3)
+    grid = np.zeros((3, 4))
+    lo, hi, method = arm_interval(grid, [0.0, 0.01, 0.33], binary=True, top=1.0)
+    assert method == "t" and lo == 0.0 and 0.33 < hi <= 1.0
+    lo, hi, _ = arm_interval(grid, [0.2, 0.21, 2.9], binary=False)
+    assert lo == 0.0 and hi > 2.9
+    lo, _, _ = arm_interval(grid, [0.3, 0.31, 0.32], binary=True, top=1.0)
+    assert lo == pytest.approx(0.31 - 4.303 * 0.01 / 3**0.5, abs=1e-3)

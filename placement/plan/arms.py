@@ -102,6 +102,8 @@ def _size_modifier(label: str, kind: Kind, mods: str) -> int | None:
         if key != kind.modifier:
             takes = f"takes :{kind.modifier}N, {sizes[kind.modifier].says}" if kind.modifier else "takes no size"
             raise PlacementError(f"arm '{label}': :{key} is {sizes[key].says}; {kind.arm} {takes}")
+        if size is not None:
+            raise PlacementError(f"arm '{label}' gives its {sizes[key].name} twice: keep one :{key}N")
         size = int(value)
         if size < 1:
             raise PlacementError(f"arm '{label}' has {sizes[key].name} 0, which leaves nothing to train: give a "

@@ -197,6 +197,21 @@ def _random_one(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
     return [random.Random(strategy.seed).choice(sorted(rows, key=lambda s: s["site"]))]
 
 
+def _random_fill(rows: list[dict], strategy: Strategy, r: int) -> list[dict]:
+    """Sites in a random order (drawn from `strategy.seed`), each taken while it still fits --max-params."""
+    order = sorted(rows, key=lambda s: s["site"])
+    random.Random(strategy.seed).shuffle(order)
+    chosen, spent = [], 0
+    for s in order:
+        if spent + lora_params(s, r) <= strategy.max_params:
+            chosen.append(s)
+            spent += lora_params(s, r)
+    if not chosen:
+        raise PlacementError(f"--max-params {strategy.max_params} fits no site: the smallest LoRA here has "
+                             f"{min(lora_params(s, r) for s in rows)} parameters")
+    return chosen
+
+
 def _by_rank(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda s: s["rank"])
 
@@ -220,6 +235,8 @@ register(Kind("attn-qv", "the query and value projections", _by_role(ATTN_QV), a
 register(Kind("ffn", "every feed-forward projection", _by_role(FFN), arm="ffn"))
 register(Kind("last-k", "every site of the last N layers", _last_layers, option="k", arm="last", count="required"))
 register(Kind("random-1", "one site drawn without looking at scores (the control)", _random_one, arm="random-1"))
+register(Kind("random", "sites drawn at random filling a share of all-linear's parameters (a control)", _random_fill,
+              option="max_params", arm="random", count="percent", planned=False))
 register(Kind("kappa", "PEFT's KappaTune: lowest weight condition number first, no data",
               from_weights=selectors.kappa_targets, arm="kappa", count="optional", planned=False))
 register(Kind("snr", "Spectrum's signal-to-noise ratio of the singular values, best of each role, no data",

@@ -18,7 +18,7 @@ from ..families.lora import lora_params
 from ..outputs import RUN_FILE, add_to_run, read_table, command_line, listed_files, read_run, versions, write_json, write_text
 from ..plan.plan import Plan
 from ..probe.registry import ranking_names
-from ..study.compare import formatted_table
+from ..study.compare import formatted_table, notes
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1760px;color:#222;
      padding:0 1rem;line-height:1.45}
@@ -167,6 +167,7 @@ def build(run: str | Path) -> str:
                      + _table(stability, "{:.3f}"))
     if comparison is not None:
         parts.append("<h2>Training the placements</h2>" + _table(formatted_table(comparison))
+                     + "".join(f"<p>{html.escape(n)}</p>" for n in notes(comparison).split("\n\n") if n)
                      + _image(files, run / "curves.png", "training loss per arm and quality against cost"))
     info = read_run(run)
     if info is not None:

@@ -18,7 +18,7 @@ from .. import data as data_mod
 from ..data.examples import load_examples  # noqa: F401  (documented here: placement.profile.load_examples)
 from ..distributed import rank_and_world
 from ..errors import PlacementError
-from ..families import family_names
+from ..families import family_names, get_family
 from ..model.load import ModelSource
 from ..model.shard import mean_loss, shard
 from ..model.sites import Site, find_sites, fingerprint, num_layers
@@ -28,7 +28,7 @@ from ..plan.ranking import agreement_table, concentration, heatmap_tables, rank,
 from ..plan.strategies import Strategy, allocate_strategy
 from ..probe import ProbeResult, ProbeSettings, probe
 from ..probe.families import IDENTITY_FAMILIES, FamilyScoring, family_scores
-from ..probe.prompts import PROMPT_FAMILIES, prompt_scores
+from ..probe.prompts import prompt_scores
 from ..probe.registry import ScoreContext, compute_scores, profile_names, ranking_names, score_names
 from ..report.figures import convergence_plot, heatmap
 
@@ -136,7 +136,7 @@ def profile_batches(model, source: ModelSource, calib: list, *, data: str, batch
     if fsdp and len(calib) % world:  # FSDP2 gathers weights in every pass: each rank must run as many passes
         raise PlacementError(f"--batches {len(calib)} does not split evenly over {world} ranks under --fsdp, "
                              f"where every rank runs the same passes: pass a multiple of {world}")
-    prompts = [f for f in families if f in PROMPT_FAMILIES]  # they change the forward: a pass each
+    prompts = [f for f in families if get_family(f).virtual]  # they change the forward: a pass each
     others = [f for f in families if f != "lora" and f not in prompts]
     if (others or prompts) and fsdp:
         raise PlacementError("--families beyond lora are not scored under --fsdp: profile them without it")
@@ -278,7 +278,7 @@ def write_families(frame: pd.DataFrame, out: str | Path, title: str = "") -> Non
     out = Path(out)
     write_csv(out / "family_scores.csv", frame)
     for family, rows in frame.groupby("family", sort=False):
-        if family != "lora" and family not in PROMPT_FAMILIES:  # LoRA's is heatmap.png; prompts have no modules
+        if family != "lora" and not get_family(family).virtual:  # LoRA's is heatmap.png; prompts have no modules
             heatmap(**heatmap_tables(rows), path=out / f"heatmap_{family}.png",
                     title=f"{title}: {family}" if title else family)
     family_layers(frame, out / "families.png", title=title)
