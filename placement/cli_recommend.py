@@ -25,12 +25,9 @@ class RecommendJob:
     join: str | None = opt(None, "work on the trials of a running recommendation folder (RUN) instead of starting "
                                  "one", path=True)
     dry_run: bool = opt(False, "print the trial count and estimated time, then exit")
-    entrants: tuple[str, ...] | None = field(default=None, metadata={
+    entrants: tuple[str, ...] = field(default=(), metadata={
         "help": "a plan file (ours, or another tool's) to enter as it is, at each budget it fits (repeatable)",
-        "option": "--entrant", "path": True, "multiple": True})
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "entrants", tuple(self.entrants or ()))
+        "option": "--entrant", "path": True, "many": True})
 
 
 @click.command("recommend")

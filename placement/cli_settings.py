@@ -3,8 +3,8 @@
 
 Metadata keys: "help" (the text; "{arms}" is replaced by the arm grammar), "option" (the spelling, else --field-name),
 "range" ((lo, hi): a value outside is one line naming the option), "flag" (a flag that sets this value),
-"choices", "path" (a file or folder), "multiple" (repeatable and optional: a tuple), "parse" (the option's text to
-the field's value) and "show" (the field's value to the option's text, for the default).
+"choices", "path" (a file or folder), "parse" (the option's text to the field's value) and "show" (the field's value
+to the option's text, for the default).
 
 A command lists its settings groups with `settings(name=use(Class, "field", ..., field=command default))`; its
 function receives one object per group, built once (so `__post_init__` checks it once). A field that another group
@@ -120,7 +120,7 @@ def make_option(f: Field, value, origin: tuple):
         kwargs.update(multiple=True, required=not f.metadata.get("many"), type=_type(f))
     else:
         text = shown(f, value)
-        kwargs.update(type=_type(f), required=text is MISSING, multiple=bool(f.metadata.get("multiple")))
+        kwargs.update(type=_type(f), required=text is MISSING)
         if text is not MISSING:
             kwargs.update(default=text, show_default=text is not None)
     decorator = click.option(option_name(f), f.name, **kwargs)

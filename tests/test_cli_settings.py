@@ -49,7 +49,10 @@ def problems(group: click.Group) -> list[str]:
             if owners.setdefault(spelled, owner) != owner:
                 found.append(f"{name}: {spelled} declared by {owner} and by {owners[spelled]}")
             shown = value if value is MISSING else f.metadata.get("show", lambda v: v)(value)
-            if value is MISSING or value == ():
+            if value == () and f.metadata.get("many"):
+                if param.required or not param.multiple:
+                    found.append(f"{name}: {spelled} is a repeatable option that may be left out, but is not")
+            elif value is MISSING or value == ():
                 if not param.required:
                     found.append(f"{name}: {spelled} has no default but is not required")
             elif param.default != shown:
