@@ -136,6 +136,7 @@ def test_dry_run_prints_the_cost_and_writes_nothing(invoke, model_dir, data_file
     (["--trial-steps", "0"], ["--trial-steps 0"]),
     (["--selectors", "page,nope"], ["unknown selector nope"]),
     (["--selectors", "page_opt", "--fast"], ["page_opt", "--fast"]),
+    (["--budget", "40%", "--entrant", "no-such-plan.json"], ["no-such-plan.json"]),
 ])
 def test_bad_input_is_one_line(invoke, assert_one_line_error, model_dir, data_file, tmp_path, extra, words):
     out = tmp_path / "bad"
