@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -391,6 +392,53 @@ def headline(name: str, out: Outcome) -> str:
     return f"{name} " + bench.figures(pairs)
 
 
+# -- the training scores against the training they stand in for ------------------------------------------------
+LOOKAHEAD_OVER_STEPS = 1.30
+
+
+def lookahead_cost(work: Workload, steps: int, rounds: int, log) -> str:
+    """Side by side in interleaved rounds: `lookahead` and `lora_drop` through the score registry on one context
+    (one K-step LoRA run on every site, then the lora_drop forward) against K training steps of all-linear LoRA on
+    the same batches (PEFT, the probe's rank and alpha, AdamW at the same rate, clipping at 1). Target: <= 1.3 x."""
+    from peft import LoraConfig, get_peft_model
+
+    from placement.probe.registry import ScoreContext, get_score
+
+    settings = ProbeSettings(lookahead_steps=steps)
+
+    def scores():
+        ctx = ScoreContext(model=work.model, sites=work.sites, batches=work.batches, settings=settings)
+        return [get_score(name).compute(ctx) for name in ("lookahead", "lora_drop")]
+
+    def training():
+        kwargs = {k: v for k, v in settings.lora_kwargs().items() if k != "task_type"}
+        peft_model = get_peft_model(work.model, LoraConfig(target_modules=[s.name for s in work.sites], **kwargs))
+        peft_model.eval()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lookahead_lr)
+        try:
+            for step in range(steps):
+                token_loss(peft_model, work.batches[step % len(work.batches)]).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            peft_model.unload()
+            work.model.requires_grad_(False)
+
+    runners = {"scores": scores, "training": training}
+    times = {arm: [] for arm in runners}
+    for round_index, arm in bench.interleaved(runners, rounds, warm_up=True):
+        _, seconds = bench.timed(work.device, runners[arm])
+        if round_index:
+            times[arm].append(seconds)
+        log(f"  {bench.round_label(round_index)} {arm:<8} {seconds:8.3f} s")
+    ratio = statistics.median(times["scores"]) / statistics.median(times["training"])
+    return (f"target lookahead+lora_drop <= {LOOKAHEAD_OVER_STEPS:.2f} x {steps} all-linear LoRA steps on "
+            f"{work.label}: {statistics.median(times['scores']):.2f} s / {statistics.median(times['training']):.2f} s"
+            f" = {ratio:.2f} x -> {'PASS' if ratio <= LOOKAHEAD_OVER_STEPS else 'FAIL'}")
+
+
 # -- command line ------------------------------------------------------------------------------------------------
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -418,6 +466,8 @@ def parse(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--quiet", action="store_true", help="no per-call timing lines")
+    p.add_argument("--lookahead-steps", type=int, default=0,
+                   help="also time lookahead and lora_drop against this many all-linear LoRA steps (0: not)")
     p.add_argument("--arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
     p.add_argument("--target", choices=TARGETS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -446,6 +496,8 @@ def main(argv=None) -> int:
         work = build(target, args)
         log(f"timing {work.label}: {args.rounds} rounds after a warm-up")
         out = time_rounds(work, args.rounds, args.draws, log)
+        if args.lookahead_steps:
+            print(lookahead_cost(work, args.lookahead_steps, args.rounds, log), flush=True)
         work.model = None  # free it before the memory children load their own copy
         gc.collect()
         if not args.no_memory:
