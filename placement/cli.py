@@ -60,7 +60,9 @@ def _comparison(out, overwrite, model: ModelArgs, data, splits, base, probe_sett
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
-    with run_folder(out, overwrite=overwrite, resume=resume):
+    with run_folder(out, overwrite=overwrite, resume=resume) as ledger:
+        if scores_folder:
+            ledger.keep(scores_folder)  # the profile this run reads stays with it
         lm, tokenizer, source = _load(model, quiet)
         comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, out, base=base,
                                           probe_settings=probe_settings, batches=batches, progress=not quiet,

@@ -17,7 +17,7 @@ import torch
 
 from placement import outputs
 from placement.model import load as models
-from placement.train import trainer as train_mod
+from placement.train import checkpoints as checkpoints_mod
 from placement.errors import PlacementError
 from placement.plan import Plan, Strategy
 from placement.train import TrainSettings, latest_checkpoint, train
@@ -124,10 +124,16 @@ def test_report_shows_only_the_files_its_run_listed(invoke, profile_dir, tmp_pat
 
 def test_killed_runs_temporary_files_are_cleaned_by_the_next_run(invoke, model_dir, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    first = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
+    assert first.exit_code == 0, first.output
+    # a kill while writing: run.json says running and lists the temporaries it had begun
     (out / ".~placement.heatmap.png.a1b2.png").write_bytes(b"half")
     (out / ".~placement.adapter.x9").mkdir()
-    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
+    (out / ".~placement.adapter.x9" / "adapter_model.safetensors").write_bytes(b"half")
+    record = run_record(out)
+    record.update(status="running", temporaries=[".~placement.heatmap.png.a1b2.png", ".~placement.adapter.x9"])
+    (out / "run.json").write_text(json.dumps(record))
+    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert not list(out.rglob(".~placement*"))
 
@@ -138,34 +144,40 @@ def _train_args(profile_dir, model_dir, out, *extra):
 
 
 def test_checkpoint_replacement_keeps_a_complete_state_at_every_moment(make_plan, tmp_path, monkeypatch):
+    from placement.ledger import run_folder
+
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
     examples = _examples(12)
     settings = TrainSettings(steps=6, lr=1e-2, batch_size=4, max_length=48, save_every=2)
+    out = tmp_path / "run"
 
-    def killed_while_removing(state):  # the new state and the pointer are in place, the old one is not yet gone
+    def killed_while_removing(state, ledger=None):  # the new state and the pointer are in place, the old one not gone
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "remove_checkpoint", killed_while_removing)
-    with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, plan, examples, settings, out=tmp_path)
+    monkeypatch.setattr(checkpoints_mod, "remove_checkpoint", killed_while_removing)
+    with pytest.raises(KeyboardInterrupt), run_folder(out):
+        train(model, tokenizer, plan, examples, settings, out=out)
     monkeypatch.undo()
-    states = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    states = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert states == ["step-0000002", "step-0000004"]
-    assert latest_checkpoint(tmp_path).name == "step-0000004"
+    assert latest_checkpoint(out).name == "step-0000004"
     # a pointer to a state a kill was deleting: the newest complete state is found instead
-    (tmp_path / "checkpoints" / "latest").write_text("step-0000009\n")
-    (tmp_path / "checkpoints" / "step-0000004" / "state.json").unlink()
-    assert latest_checkpoint(tmp_path).name == "step-0000002"
-    weights = tmp_path / "checkpoints" / "step-0000002" / "adapter.safetensors"
+    (out / "checkpoints" / "latest").write_text("step-0000009\n")
+    (out / "checkpoints" / "step-0000004" / "state.json").unlink()
+    assert latest_checkpoint(out).name == "step-0000002"
+    weights = out / "checkpoints" / "step-0000002" / "adapter.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[:50])
-    with pytest.raises(PlacementError, match="damaged"):
-        train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
+    with pytest.raises(PlacementError, match="damaged"), run_folder(out, resume=True):
+        train(tiny_model("llama"), tokenizer, plan, examples, settings, out=out, resume=True)
     weights.write_bytes(intact)
-    run = train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
+    with run_folder(out, resume=True):  # the incomplete step-4 the kill left is the run's own: replaced
+        run = train(tiny_model("llama"), tokenizer, plan, examples, settings, out=out, resume=True)
     assert run.resumed_from == 2 and len(run.losses) == 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000004"]  # step 2 went
+    assert (out / "checkpoints" / "step-0000004" / "state.json").is_file()
 
 
 def _examples(n):
