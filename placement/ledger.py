@@ -150,6 +150,7 @@ class Ledger:
 
     def begin(self, tmp: Path) -> None:
         """List a temporary name before it exists: what a kill leaves is then known to be ours."""
+        self.may_write(tmp)
         self.temporaries.add(self.relative(tmp))
         self._save()
 
