@@ -35,9 +35,9 @@ def _names(items) -> list[str]:
     return [str(f) for f in items] if isinstance(items, list) else []
 
 
-class Ledger:
-    """What one run of a command wrote in its folder; open it with `run_folder`. `Ledger(root, record=None)` is a
-    ledger kept in memory only (the Python API without a run folder): it lets a process remove what it wrote."""
+class Listing:
+    """What a run folder's record lists, and removing exactly that: never a file it does not list, never through a
+    symbolic link."""
 
     def __init__(self, root: Path, record: dict | None = None, *, previous=(), replacing=(), created=False,
                  original: dict | None = None):
@@ -75,12 +75,68 @@ class Ledger:
         self.record["temporaries"] = sorted(self.temporaries)
         write_json(self.root / RUN_FILE, self.record, ledger=False)  # run.json is never in its own list
 
-    # -- writing -----------------------------------------------------------------------------------------------
+    # -- links ---------------------------------------------------------------------------------------------------
     def _through_link(self, path: Path) -> bool:
         """Whether a folder between the run folder and `path` is a symbolic link (writes and deletes stop there)."""
         parts = Path(self.relative(path)).parts[:-1]
         return any((self.root.joinpath(*parts[: i + 1])).is_symlink() for i in range(len(parts)))
 
+    # -- removing ----------------------------------------------------------------------------------------------
+    def _unlink(self, name: str) -> None:
+        path = self.root / name
+        if name == RUN_FILE or self._through_link(path):
+            return
+        if path.is_symlink() or path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _forget(self, names) -> None:
+        gone = set(names)
+        self.written = [n for n in self.written if n not in gone]
+        self.previous = [n for n in self.previous if n not in gone]
+        self.replacing = [n for n in self.replacing if n not in gone]
+
+    def _prune(self, names) -> None:
+        """Remove the folders that deleting `names` left empty, up to the run folder (never other folders)."""
+        folders = {parent for name in names for parent in (self.root / name).parents
+                   if parent != self.root and self.holds(parent)}
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            if not self._through_link(folder) and not folder.is_symlink():
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def remove(self, path: str | Path) -> None:
+        """Delete a listed file, or every listed file under a folder (a checkpoint state: state.json first, so a
+        state a kill interrupts is never taken for complete), then the folders this leaves empty. Files the
+        ledger does not list stay, and so does any folder that still holds them."""
+        name = self.relative(path)
+        names = [name] if (name in self.written or name in self.previous or name in self.replacing) else []
+        names += sorted(self.listed_under(path), key=lambda n: not n.endswith("/state.json"))
+        for item in names:
+            self._unlink(item)
+        self._forget(names)
+        self._prune(names + [name + "/x"])
+        self._save()
+
+    def clean_temporaries(self, names) -> None:
+        """Remove the temporaries a killed run of ours listed (a file, or a folder of ours with what a library
+        wrote into it); never through a link."""
+        from .outputs import _remove_own_tree
+
+        for name in _names(names):
+            path = self.root / name
+            if self.holds(path) and not self._through_link(path) and Path(name).name.startswith(".~placement."):
+                if path.is_dir() and not path.is_symlink():
+                    _remove_own_tree(path)
+                else:
+                    self._unlink(name)
+
+
+class Ledger(Listing):
+    """What one run of a command wrote in its folder; open it with `run_folder`. `Ledger(root, record=None)` is a
+    ledger kept in memory only (the Python API without a run folder): it lets a process remove what it wrote."""
+
+    # -- writing -----------------------------------------------------------------------------------------------
     def may_write(self, path: str | Path) -> None:
         """Refuse to write through a link, or to replace a file (or folder) this run's record does not list."""
         path = Path(path)
@@ -129,56 +185,6 @@ class Ledger:
         """`with ledger.atomic(path) as tmp:` write `tmp`; it becomes `path`, listed in this ledger."""
         from .outputs import atomic_path
         return atomic_path(path, suffix, ledger=self)
-
-    # -- removing ----------------------------------------------------------------------------------------------
-    def _unlink(self, name: str) -> None:
-        path = self.root / name
-        if name == RUN_FILE or self._through_link(path):
-            return
-        if path.is_symlink() or path.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-    def _forget(self, names) -> None:
-        gone = set(names)
-        self.written = [n for n in self.written if n not in gone]
-        self.previous = [n for n in self.previous if n not in gone]
-        self.replacing = [n for n in self.replacing if n not in gone]
-
-    def _prune(self, names, stop: Path | None = None) -> None:
-        """Remove the folders that deleting `names` left empty, up to the run folder (never other folders)."""
-        folders = {parent for name in names for parent in (self.root / name).parents
-                   if parent != self.root and self.holds(parent)}
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            if not self._through_link(folder) and not folder.is_symlink():
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-
-    def remove(self, path: str | Path) -> None:
-        """Delete a listed file, or every listed file under a folder (a checkpoint state: state.json first, so a
-        state a kill interrupts is never taken for complete), then the folders this leaves empty. Files the
-        ledger does not list stay, and so does any folder that still holds them."""
-        name = self.relative(path)
-        names = [name] if (name in self.written or name in self.previous or name in self.replacing) else []
-        names += sorted(self.listed_under(path), key=lambda n: not n.endswith("/state.json"))
-        for item in names:
-            self._unlink(item)
-        self._forget(names)
-        self._prune(names + [name + "/x"])
-        self._save()
-
-    def clean_temporaries(self, names) -> None:
-        """Remove the temporaries a killed run of ours listed (a file, or a folder of ours with what a library
-        wrote into it); never through a link."""
-        from .outputs import _remove_own_tree
-
-        for name in _names(names):
-            path = self.root / name
-            if self.holds(path) and not self._through_link(path) and Path(name).name.startswith(".~placement."):
-                if path.is_dir() and not path.is_symlink():
-                    _remove_own_tree(path)
-                else:
-                    self._unlink(name)
 
     # -- the end of a run --------------------------------------------------------------------------------------
     def _close(self) -> None:
