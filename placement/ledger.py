@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import runlock
 from .errors import PlacementError
-from .outputs import make_dirs, write_json
+from .outputs import TMP_MARK, atomic_path, make_dirs, remove_temporary_tree, write_json
 from .run_record import RUN_FILE, TOOL, add_to_run, command_line, listed_files, read_run, versions  # noqa: F401
 # The ledger the running command opened: the atomic writes of code that runs inside the command list their files
 # in it (when they lie in its folder). One per context, set and reset by `run_folder` alone.
@@ -121,13 +121,11 @@ class Listing:
     def clean_temporaries(self, names) -> None:
         """Remove the temporaries a killed run of ours listed (a file, or a folder of ours with what a library
         wrote into it); never through a link."""
-        from .outputs import _remove_own_tree
-
         for name in _names(names):
             path = self.root / name
-            if self.holds(path) and not self._through_link(path) and Path(name).name.startswith(".~placement."):
+            if self.holds(path) and not self._through_link(path) and Path(name).name.startswith(TMP_MARK):
                 if path.is_dir() and not path.is_symlink():
-                    _remove_own_tree(path)
+                    remove_temporary_tree(path)
                 else:
                     self._unlink(name)
 
@@ -183,7 +181,6 @@ class Ledger(Listing):
 
     def atomic(self, path: str | Path, suffix: str | None = None):
         """`with ledger.atomic(path) as tmp:` write `tmp`; it becomes `path`, listed in this ledger."""
-        from .outputs import atomic_path
         return atomic_path(path, suffix, ledger=self)
 
     # -- the end of a run --------------------------------------------------------------------------------------

@@ -121,12 +121,12 @@ def staging_dir(parent: Path, name: str, *, ledger=None):
     except OSError as err:
         raise disk_error(err, parent / name) from err
     finally:
-        _remove_own_tree(tmp)
+        remove_temporary_tree(tmp)
         if owner is not None:
             owner.end(tmp)
 
 
-def _remove_own_tree(tmp: Path) -> None:
+def remove_temporary_tree(tmp: Path) -> None:
     """A temporary folder this process made: rmtree removes links inside it without following them."""
     if tmp.is_symlink():
         tmp.unlink()
@@ -169,7 +169,7 @@ def new_dir(path: str | Path, *, ledger=None):
             file_mode(item, directory=item.is_dir())
         os.replace(tmp, path)
     except BaseException as err:
-        _remove_own_tree(tmp)
+        remove_temporary_tree(tmp)
         if owner is not None:
             owner.end(tmp)
         if isinstance(err, OSError) and not isinstance(err, PlacementError):
