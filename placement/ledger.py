@@ -84,8 +84,8 @@ class Listing:
     # -- removing ----------------------------------------------------------------------------------------------
     def _unlink(self, name: str) -> None:
         path = self.root / name
-        if name == RUN_FILE or self._through_link(path):
-            return
+        if name == RUN_FILE or not self.holds(path) or self._through_link(path):
+            return  # a record naming a path outside its folder (hand-edited) never deletes it
         if path.is_symlink() or path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -149,7 +149,9 @@ def test_only_the_temporaries_a_run_listed_are_cleaned(invoke, model_dir, tmp_pa
     (out / ".~placement.notes.txt").write_bytes(b"named like ours, but mine")
     (out / ".~placement.link").symlink_to(user_folder, target_is_directory=True)
     (out / ".~placement.listed").symlink_to(user_folder, target_is_directory=True)
-    killed = record(out) | {"status": "running", "temporaries": [".~placement.listed", "../thesis"]}
+    killed = record(out)
+    killed.update(status="running", temporaries=[".~placement.listed", "../thesis"],
+                  files=killed["files"] + ["../thesis/thesis.tex", str(user_folder / "state.json")])
     (out / "run.json").write_text(json.dumps(killed))
     again = invoke("profile", "--model", model_dir, *PROFILE, "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
