@@ -691,7 +691,7 @@ def test_a_bottleneck_adapter_for_other_widths_or_modules_is_one_line(bottleneck
             bn.load(tiny_model("llama"), bottleneck_adapter)
 
 
-def test_a_megabyte_evaluation_record_is_cut_like_any_other(make_plan):
+def test_a_megabyte_evaluation_record_is_cut_to_the_models_context():
     from placement import data as data_mod
     from placement.train import evaluate as ev
 
