@@ -77,7 +77,9 @@ def _comparison(run: RunArgs, model: ModelArgs, output: OutputArgs, settings: Co
     """Claim the folder, load the model, run the compare study (and `then(plan)`), write the report if asked."""
     from .study.compare import run_comparison
 
-    with run_folder(run.out, overwrite=run.overwrite, resume=run.resume):
+    with run_folder(run.out, overwrite=run.overwrite, resume=run.resume) as ledger:
+        if scores:
+            ledger.keep(scores)  # the profile this run reads stays with it
         lm, tokenizer, source = _load(model, output.quiet)
         comparison, base = run_comparison(lm, tokenizer, source, data, splits, settings, run.out, base=base,
                                           probe_settings=probe, batches=batches, progress=not output.quiet,

@@ -17,7 +17,7 @@ import torch
 
 from placement import outputs
 from placement.model import load as models
-from placement.train import trainer as train_mod
+from placement.train import checkpoints as checkpoints_mod
 from placement.errors import PlacementError
 from placement.plan import Plan, Strategy
 from placement.train import TrainSettings, latest_checkpoint, train
@@ -124,10 +124,16 @@ def test_report_shows_only_the_files_its_run_listed(invoke, profile_dir, tmp_pat
 
 def test_killed_runs_temporary_files_are_cleaned_by_the_next_run(invoke, model_dir, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    first = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
+    assert first.exit_code == 0, first.output
+    # a kill while writing: run.json says running and lists the temporaries it had begun
     (out / ".~placement.heatmap.png.a1b2.png").write_bytes(b"half")
     (out / ".~placement.adapter.x9").mkdir()
-    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
+    (out / ".~placement.adapter.x9" / "adapter_model.safetensors").write_bytes(b"half")
+    record = run_record(out)
+    record.update(status="running", temporaries=[".~placement.heatmap.png.a1b2.png", ".~placement.adapter.x9"])
+    (out / "run.json").write_text(json.dumps(record))
+    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert not list(out.rglob(".~placement*"))
 
@@ -138,34 +144,40 @@ def _train_args(profile_dir, model_dir, out, *extra):
 
 
 def test_checkpoint_replacement_keeps_a_complete_state_at_every_moment(make_plan, tmp_path, monkeypatch):
+    from placement.ledger import run_folder
+
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama")
     plan = make_plan(model, Strategy("dominant"))
     examples = _examples(12)
     settings = TrainSettings(steps=6, lr=1e-2, batch_size=4, max_length=48, save_every=2)
+    out = tmp_path / "run"
 
-    def killed_while_removing(state):  # the new state and the pointer are in place, the old one is not yet gone
+    def killed_while_removing(state, ledger=None):  # the new state and the pointer are in place, the old one not gone
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "remove_checkpoint", killed_while_removing)
-    with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, plan, examples, settings, out=tmp_path)
+    monkeypatch.setattr(checkpoints_mod, "remove_checkpoint", killed_while_removing)
+    with pytest.raises(KeyboardInterrupt), run_folder(out):
+        train(model, tokenizer, plan, examples, settings, out=out)
     monkeypatch.undo()
-    states = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    states = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert states == ["step-0000002", "step-0000004"]
-    assert latest_checkpoint(tmp_path).name == "step-0000004"
+    assert latest_checkpoint(out).name == "step-0000004"
     # a pointer to a state a kill was deleting: the newest complete state is found instead
-    (tmp_path / "checkpoints" / "latest").write_text("step-0000009\n")
-    (tmp_path / "checkpoints" / "step-0000004" / "state.json").unlink()
-    assert latest_checkpoint(tmp_path).name == "step-0000002"
-    weights = tmp_path / "checkpoints" / "step-0000002" / "adapter.safetensors"
+    (out / "checkpoints" / "latest").write_text("step-0000009\n")
+    (out / "checkpoints" / "step-0000004" / "state.json").unlink()
+    assert latest_checkpoint(out).name == "step-0000002"
+    weights = out / "checkpoints" / "step-0000002" / "adapter.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[:50])
-    with pytest.raises(PlacementError, match="damaged"):
-        train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
+    with pytest.raises(PlacementError, match="damaged"), run_folder(out, resume=True):
+        train(tiny_model("llama"), tokenizer, plan, examples, settings, out=out, resume=True)
     weights.write_bytes(intact)
-    run = train(tiny_model("llama"), tokenizer, plan, examples, settings, out=tmp_path, resume=True)
+    with run_folder(out, resume=True):  # the incomplete step-4 the kill left is the run's own: replaced
+        run = train(tiny_model("llama"), tokenizer, plan, examples, settings, out=out, resume=True)
     assert run.resumed_from == 2 and len(run.losses) == 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000004"]  # step 2 went
+    assert (out / "checkpoints" / "step-0000004" / "state.json").is_file()
 
 
 def _examples(n):
@@ -555,3 +567,140 @@ def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, asser
     assert_one_line_error(invoke("plan", exact, "--strategy", "allocate", "--max-params", "5"), "fits no site")
     assert_one_line_error(invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--score", "page_opt",
                                  "--out", tmp_path / "o"), "page_opt", "--fast")
+
+
+# -- hostile files: one line, nothing half-written --------------------------------------------------------------------
+def _copy(profile_dir, tmp_path, name="copy"):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(profile_dir, folder)
+    return folder
+
+
+def _scores(folder: Path, change) -> None:
+    frame = pd.read_csv(folder / "scores.csv")
+    change(frame)
+    frame.to_csv(folder / "scores.csv", index=False)
+
+
+def _text_in_page(frame):
+    frame["page"] = frame["page"].astype(object)
+    frame.loc[1, "page"] = "plenty"
+
+
+def _site_the_model_lacks(frame):
+    frame.loc[0, "site"] = "model.layers.9.mlp.nowhere"
+
+
+@pytest.mark.parametrize("change, words", [
+    (_text_in_page, ("text", "page")),
+    (_site_the_model_lacks, ("model.layers.9.mlp.nowhere",)),
+    (lambda frame: frame.pop("page"), ("lacks the column page",)),
+])
+def test_a_hostile_scores_csv_is_one_line_before_the_model_loads(invoke, assert_one_line_error, profile_dir,
+                                                                 model_dir, tmp_path, change, words):
+    folder = _copy(profile_dir, tmp_path)
+    _scores(folder, change)
+    out = tmp_path / "validate"
+    result = invoke("validate", "--model", model_dir, "--data", "builtin:arithmetic", "--scores", folder, "--sites",
+                    "2", "--steps", "1", "--batch-size", "4", "--max-length", "48", "--quiet", "--out", out)
+    assert_one_line_error(result, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cut", [0, 100])
+def test_an_empty_or_cut_spectrum_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path, cut):
+    folder = tmp_path / "exact"
+    assert invoke("profile", "--model", model_dir, *PROFILE, "--spectrum-k", "4", "--out", folder).exit_code == 0
+    spectrum = folder / "spectrum.safetensors"
+    spectrum.write_bytes(spectrum.read_bytes()[:cut])
+    assert_one_line_error(invoke("plan", folder, "--strategy", "allocate", "--max-params", "5000"), "damaged")
+    out = tmp_path / "compare"
+    result = invoke("compare", "--model", model_dir, *TRAIN, "--arms", "allocate-50%", "--scores",
+                    folder / "plan.json", "--out", out)
+    assert_one_line_error(result, "spectrum.safetensors", "damaged")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key, value", [("strategy", "dominant"), ("strategy", 3), ("model", "tiny"),
+                                        ("model", [1]), ("family_args", [1]), ("family_args", "r8"),
+                                        ("family", 3), ("sites", {})])
+def test_a_plan_with_a_field_of_the_wrong_json_type_is_one_line(invoke, assert_one_line_error, profile_dir,
+                                                               model_dir, tmp_path, key, value):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(json.loads((profile_dir / "plan.json").read_text()) | {key: value}))
+    assert_one_line_error(invoke("plan", path), key, "must be")
+    out = tmp_path / "train"
+    assert_one_line_error(invoke(*_train_args(profile_dir, model_dir, out)[:2], path,
+                                 *_train_args(profile_dir, model_dir, out)[3:]), key)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("step", ["three", 2.5, -1, 10 ** 6, None, True])
+def test_a_checkpoint_whose_step_is_not_a_step_is_one_line(make_plan, tmp_path, step):
+    tokenizer = tiny_tokenizer()
+    plan = make_plan(tiny_model("llama"), Strategy("dominant"))
+    settings = TrainSettings(steps=4, lr=1e-2, batch_size=4, max_length=48, save_every=2)
+
+    def stop(done, loss):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model("llama"), tokenizer, plan, _examples(12), settings, out=tmp_path, on_step=stop)
+    state = tmp_path / "checkpoints" / "step-0000002" / "state.json"
+    state.write_text(json.dumps(json.loads(state.read_text()) | {"step": step}))
+    with pytest.raises(PlacementError, match="damaged"):
+        train(tiny_model("llama"), tokenizer, plan, _examples(12), settings, out=tmp_path, resume=True)
+
+
+@pytest.fixture
+def bottleneck_adapter(tmp_path):
+    from placement.families import bottleneck as bn
+    from placement.model.sites import find_sites
+
+    model = tiny_model("llama")
+    site = next(s for s in find_sites(model) if s.role == "down")
+    config = bn.BottleneckConfig([site.name], "series", width=4)
+    bn.apply(model, config)
+    folder = tmp_path / "adapter"
+    bn.save(model, config, folder)
+    return folder
+
+
+def test_a_cut_bottleneck_adapter_is_one_line(bottleneck_adapter):
+    from placement.families import bottleneck as bn
+
+    weights = bottleneck_adapter / "adapter_model.safetensors"
+    for cut in (0, 60):
+        weights.write_bytes(weights.read_bytes()[:cut] if cut else b"")
+        with pytest.raises(PlacementError, match="empty or damaged"):
+            bn.load(tiny_model("llama"), bottleneck_adapter)
+
+
+def test_a_bottleneck_adapter_for_other_widths_or_modules_is_one_line(bottleneck_adapter):
+    from placement.families import bottleneck as bn
+
+    with pytest.raises(PlacementError, match="shape"):
+        bn.load(tiny_model("llama", hidden_size=48, intermediate_size=96), bottleneck_adapter)
+    config = bottleneck_adapter / "adapter_config.json"
+    for targets in (["model.layers.0.mlp.nowhere"], ["model.embed_tokens"], "model.layers.0.mlp.down_proj"):
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"targets": targets}))
+        with pytest.raises(PlacementError, match="no sites of this model"):
+            bn.load(tiny_model("llama"), bottleneck_adapter)
+
+
+def test_a_megabyte_evaluation_record_is_cut_to_the_models_context():
+    from placement import data as data_mod
+    from placement.train import evaluate as ev
+
+    tokenizer = tiny_tokenizer()
+    records = data_mod.arithmetic_records(3, 0)
+    records[0] = dict(records[0], instruction="x " * 500_000 + records[0]["instruction"])
+    examples = data_mod.to_examples(records)
+    assert len(examples[0].prompt[-1]["content"]) > 1_000_000
+    began = time.perf_counter()
+    result = ev.evaluate(tiny_model("llama"), tokenizer, examples, max_length=48, max_new_tokens=2)
+    assert len(result.outputs) == 3 and len(result.losses) == 3
+    assert time.perf_counter() - began < 120

@@ -176,9 +176,18 @@ def load(model: nn.Module, folder: str | Path) -> nn.Module:
         raise PlacementError(f"{folder} is not a bottleneck adapter (schema {data.get('schema')!r}); a PEFT adapter "
                              "loads with PeftModel.from_pretrained")
     config = BottleneckConfig(**{k: v for k, v in data.items() if k in BottleneckConfig.__dataclass_fields__})
+    sites = {s.name for s in find_sites(model)}
+    if not isinstance(config.targets, list) or not all(isinstance(t, str) and t in sites for t in config.targets):
+        raise PlacementError(f"{folder} adapts modules that are no sites of this model: load it on the model it was "
+                             "trained on")
+    try:
+        state = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as err:  # an empty or cut file surfaces as the reader's own error type
+        raise PlacementError(f"{folder}/adapter_model.safetensors is empty or damaged ({type(err).__name__}): save "
+                             "the adapter again") from err
     apply(model, config)
     try:
-        load_state(model, load_file(str(folder / "adapter_model.safetensors")))
+        load_state(model, state)
     except PlacementError as err:
         raise PlacementError(f"{folder}: {err}") from err
     return model
@@ -189,6 +198,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = dict(model.named_parameters())
     if set(state) != {k for k in own if ".adapter." in k}:
         raise PlacementError("the saved tensors do not match the adapter's config: save the adapter again")
+    wrong = [name for name, value in state.items() if own[name].shape != value.shape]
+    if wrong:
+        raise PlacementError(f"the saved {wrong[0]} has shape {tuple(state[wrong[0]].shape)} where this model's "
+                             f"adapter has {tuple(own[wrong[0]].shape)}: load it on the model it was trained on")
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value)

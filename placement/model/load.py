@@ -45,7 +45,9 @@ class ModelSource:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PLACEMENT_CACHE", Path.home() / ".cache" / "placement"))
+    """PLACEMENT_CACHE, or ~/.cache/placement when it is unset or empty (an empty value would mean the current
+    folder, filling it with half a gigabyte of weights)."""
+    return Path(os.environ.get("PLACEMENT_CACHE", "").strip() or Path.home() / ".cache" / "placement")
 
 
 def embedded_gguf() -> Path:

@@ -259,6 +259,11 @@ def plan_problem(plan: Plan) -> str | None:
         return "targets must be a non-empty list of site names"
     if not isinstance(plan.peft, dict):
         return "peft must be an object of LoraConfig arguments"
+    for key, kind, what in (("model", dict, "an object"), ("strategy", dict, "an object"), ("probe", dict, "an object"),
+                            ("family", str, "a family name"), ("family_args", dict, "an object"),
+                            ("sites", list, "a list")):
+        if not isinstance(getattr(plan, key), kind):
+            return f"{key} must be {what}, not {type(getattr(plan, key)).__name__}"
     return peft_problem(plan.peft, plan.targets)
 
 

@@ -163,9 +163,14 @@ def read_spectrum(folder) -> dict[str, np.ndarray] | None:
     path = Path(folder) / "spectrum.safetensors"
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="np") as handle:
-        sites = handle.metadata()["sites"].split(",")
-        values = handle.get_tensor("sigma2")
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            sites = handle.metadata()["sites"].split(",")
+            values = handle.get_tensor("sigma2")
+    except Exception as err:  # an empty or cut file surfaces as the reader's own error type
+        raise PlacementError(f"{path} is empty or damaged ({type(err).__name__}): rerun placement profile") from err
+    if len(sites) != len(values):
+        raise PlacementError(f"{path} is damaged ({len(sites)} sites, {len(values)} spectra): rerun placement profile")
     return dict(zip(sites, values))
 
 

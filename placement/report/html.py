@@ -15,7 +15,9 @@ import pandas as pd
 
 from ..errors import PlacementError
 from ..families.lora import lora_params
-from ..outputs import RUN_FILE, add_to_run, read_table, command_line, listed_files, read_run, versions, write_json, write_text
+from ..ledger import RUN_FILE, add_to_run, command_line, listed_files, open_ledger, read_run, versions
+from ..outputs import read_table, write_json, write_text
+from ..runlock import refuse_if_held
 from ..plan.plan import Plan
 from ..probe.registry import ranking_names
 from ..study.compare import formatted_table, notes
@@ -179,7 +181,21 @@ def build(run: str | Path) -> str:
 
 
 def write_report(run: str | Path) -> Path:
-    path = Path(run) / "report.html"
-    write_text(path, build(run))
+    """RUN/report.html. Inside the command that writes the run, through its ledger; later, only into a folder of a
+    finished run of ours, replacing only a report.html that run lists (a file of anyone else is never replaced)."""
+    run = Path(run)
+    path = run / "report.html"
+    page = build(run)  # read everything first: a damaged file fails before anything is written
+    if open_ledger(path) is not None:
+        write_text(path, page)
+        return path
+    if read_run(run) is None:
+        raise PlacementError(f"{run} holds no run of placement (no {RUN_FILE}): pass a folder written by profile, "
+                             "compare, validate or stability")
+    refuse_if_held(run, run)
+    listed = listed_files(run)
+    if (path.exists() or path.is_symlink()) and (listed is None or path.name not in listed or path.is_symlink()):
+        raise PlacementError(f"{path} exists and placement did not write it: move it away to write the report")
+    write_text(path, page)
     add_to_run(run, path.name)  # a report made later belongs to the run it shows
     return path

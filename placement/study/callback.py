@@ -10,6 +10,7 @@ scores are those of the bare model.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 from ..data.batches import Batch
 from ..data.examples import IGNORE
 from ..errors import PlacementError
+from ..ledger import run_folder
 from ..model.load import ModelSource
 from ..probe import ProbeSettings
 from ..train.apply import unwrap
@@ -49,21 +51,51 @@ class PlacementCallback(TrainerCallback):
     plan's strategy is `dominant` unless another `placement.plan.Strategy` is given. Rank 0 writes the profile
     folder and appends a `placement/*` record (dominant site, its share, top-1/top-2) to the Trainer's log history,
     which lands in trainer_state.json; the same line goes to the `placement` logger.
+
+    The profile folder is a run folder of its own: a fresh one, or (with `overwrite=True`) one an earlier callback
+    wrote, whose listed files are replaced. A folder holding anything else is refused before the probe runs.
     """
 
     def __init__(self, batches: int = 4, out: str = "placement", score: str = "page", strategy=None, r: int = 8,
-                 alpha: float = 16.0, fast: bool = False, seed: int = 0, bootstrap: int = 0):
+                 alpha: float = 16.0, fast: bool = False, seed: int = 0, bootstrap: int = 0,
+                 overwrite: bool = False):
         if batches < 1:
             raise PlacementError(f"batches={batches}: the callback needs at least one batch to profile")
         self.batches, self.out, self.score, self.strategy = batches, out, score, strategy
         self.settings = ProbeSettings(r=r, alpha=alpha, mode="fast" if fast else "exact", seed=seed)
-        self.bootstrap = bootstrap
+        self.bootstrap, self.overwrite = bootstrap, overwrite
         self.profile: Profile | None = None
         self.folder: Path | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.profile is not None or model is None or train_dataloader is None:
             return
+        with contextlib.ExitStack() as claimed:
+            if state.is_world_process_zero:  # claimed before the probe: a refusal costs nothing
+                self.folder = Path(args.output_dir) / self.out
+                claimed.push(self._claim(self.folder).__exit__)
+            name = self._probe(model, train_dataloader)
+            summary = self.profile.summary()
+            record = {"placement/dominant_site": summary["dominant_site"], "placement/share": summary["share"],
+                      "placement/top1_top2_ratio": summary["top1_top2_ratio"], "step": state.global_step}
+            if state.is_world_process_zero:
+                write_profile(self.profile, self.folder, title=f"{name} on the Trainer's batches")
+                state.log_history.append(record)
+                logger.warning("placement: dominant site %s (%.1f%% of %s); profile in %s",
+                               summary["dominant_site"], 100 * summary["share"], self.score, self.folder)
+
+    def _claim(self, folder: Path):
+        """Claim the profile's run folder; returns the entered claim (its __exit__ ends the run)."""
+        claim = run_folder(folder, overwrite=self.overwrite)
+        try:
+            claim.__enter__()
+        except PlacementError as err:
+            raise PlacementError(f"PlacementCallback does not write its profile into {folder} ({err}): pass "
+                                 "out= a new folder name, or overwrite=True to replace an earlier profile of "
+                                 "the callback") from err
+        return claim
+
+    def _probe(self, model, train_dataloader) -> str:
         from peft import PeftModel
 
         base = unwrap(model)
@@ -79,12 +111,4 @@ class PlacementCallback(TrainerCallback):
                                        score=self.score, strategy=self.strategy, bootstrap=self.bootstrap)
         base.train(was_training)
         model.zero_grad(set_to_none=True)
-        summary = self.profile.summary()
-        record = {"placement/dominant_site": summary["dominant_site"], "placement/share": summary["share"],
-                  "placement/top1_top2_ratio": summary["top1_top2_ratio"], "step": state.global_step}
-        if state.is_world_process_zero:
-            self.folder = Path(args.output_dir) / self.out
-            write_profile(self.profile, self.folder, title=f"{name} on the Trainer's batches")
-            state.log_history.append(record)
-            logger.warning("placement: dominant site %s (%.1f%% of %s); profile in %s", summary["dominant_site"],
-                           100 * summary["share"], self.score, self.folder)
+        return name

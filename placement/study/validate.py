@@ -245,8 +245,13 @@ def read_scores(folder: str | Path) -> tuple[Plan, pd.DataFrame]:
     path = folder / "scores.csv"
     if not path.is_file():
         raise PlacementError(f"{folder} has no scores.csv: pass the --out folder of placement profile")
-    ranked = read_table(path, "rerun placement profile", {"site", "layer", "role", "d_in", "d_out", "rank", "page"})
-    return Plan.load(folder / "plan.json"), ranked
+    ranked = read_table(path, "rerun placement profile", {"site", "layer", "role", "d_in", "d_out", "rank", "page"},
+                        numeric={"layer", "d_in", "d_out", "rank", "page"})
+    plan = Plan.load(folder / "plan.json")
+    unknown = sorted(set(ranked["site"]) - {row.get("site") for row in plan.sites if isinstance(row, dict)})
+    if unknown:
+        raise PlacementError(f"{path} names {unknown[0]}, which is no site of its plan's model: rerun placement profile")
+    return plan, ranked
 
 
 def validate_study(model, tokenizer, source, data: str, splits, settings: ValidateSettings, out: str | Path, *,

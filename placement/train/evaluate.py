@@ -72,8 +72,10 @@ def stop_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, examples: list, *, batch_size: int = 16, max_new_tokens: int = 32,
-             progress: bool = False) -> list[str]:
-    """Greedy completions of each example's prompt, without the prompt and without special tokens."""
+             progress: bool = False, max_length: int | None = None) -> list[str]:
+    """Greedy completions of each example's prompt, without the prompt and without special tokens. A prompt longer
+    than the model's context (less the new tokens), or than `max_length` when given, keeps its last tokens (the
+    question's end and the turn marker): a megabyte record costs what a long one does, never a hang."""
     from transformers import GenerationConfig
 
     stops = stop_ids(tokenizer)
@@ -85,10 +87,21 @@ def generate(model, tokenizer, examples: list, *, batch_size: int = 16, max_new_
     chunks = range(0, len(examples), batch_size)
     for start in tqdm(chunks, desc="generating", disable=not progress):
         input_ids, attention_mask = data_mod.left_padded_prompts(tokenizer, examples[start:start + batch_size])
+        window = _prompt_window(model, max_new_tokens, max_length)
+        if window is not None:  # rows are left-padded: the last columns hold every row's end
+            input_ids, attention_mask = input_ids[:, -window:], attention_mask[:, -window:]
         new = decode(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                      generation_config=config)[:, input_ids.shape[1]:]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
+
+
+def _prompt_window(model, max_new_tokens: int, max_length: int | None) -> int | None:
+    """How many prompt tokens generation keeps: `max_length`, else what the model's context leaves for the answer."""
+    if max_length is not None:
+        return max_length
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(1, context - max_new_tokens) if isinstance(context, int) else None
 
 
 def drops_prefix_in_generate(model) -> bool:

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PlacementError
 from ..families import adapters
 from ..outputs import write_csv
 from ..plan.plan import Plan
 from . import evaluate as ev
-from .trainer import TrainResult, TrainSettings, run_metrics, save_merged, train, write_run
+from .checkpoints import run_ledger
+from .export import refuse_merge, save_merged, write_run
+from .trainer import TrainResult, TrainSettings, run_metrics, train
 
 
 def finish_run(run: TrainResult, plan: Plan, tokenizer, test_set: list, out: str | Path, *, eval_kwargs: dict,
-               model_name: str | None, extra: dict | None = None) -> tuple[ev.Evaluation, dict]:
+               model_name: str | None, extra: dict | None = None, ledger=None) -> tuple[ev.Evaluation, dict]:
     """Evaluate a trained run on the test split and write its folder: adapter, metrics.json, loss.csv,
-    predictions.csv and plan.json."""
+    predictions.csv and plan.json, each listed in the run folder's `ledger` (by default the command's)."""
     out = Path(out)
+    ledger = ledger if ledger is not None else run_ledger(out)
     result = ev.evaluate(run.model, tokenizer, test_set, **eval_kwargs)
     metrics = run_metrics(run, plan) | {"eval_loss": result.eval_loss, "exact_match": result.exact_match,
                                         "balanced_accuracy": result.balanced_accuracy,
                                         "test_examples": len(test_set)} | (extra or {})
-    write_run(run, out, metrics, model_name=model_name)
-    write_csv(out / "predictions.csv", ev.predictions_frame(test_set, result))
+    write_run(run, out, metrics, model_name=model_name, ledger=ledger)
+    write_csv(out / "predictions.csv", ev.predictions_frame(test_set, result), ledger=ledger)
     plan.save(out / "plan.json")
     return result, metrics
 
@@ -49,12 +51,12 @@ def train_and_evaluate(model, tokenizer, plan: Plan, train_set: list, test_set: 
     """Train (checkpointing and resuming in `out`), evaluate, write the run folder; `merge` adds OUT/merged.
     Returns (TrainResult, Evaluation, metrics)."""
     if merge and not adapters.mergeable(plan.adapter_config()):
-        raise PlacementError(f"--merge folds LoRA or IA3 into the weights; a {plan.family} adapter cannot be "
-                             "merged: drop --merge")
-    run = train(model, tokenizer, plan, train_set, settings, out=out, resume=resume, progress=progress)
+        raise refuse_merge(plan.family)
+    ledger = run_ledger(out)
+    run = train(model, tokenizer, plan, train_set, settings, out=out, resume=resume, progress=progress, ledger=ledger)
     eval_kwargs = dict(max_length=settings.max_length, max_new_tokens=max_new_tokens, progress=progress)
     result, metrics = finish_run(run, plan, tokenizer, test_set, out, eval_kwargs=eval_kwargs,
-                                 model_name=model_name, extra=extra)
+                                 model_name=model_name, extra=extra, ledger=ledger)
     if merge:
-        save_merged(run.model, tokenizer, Path(out) / "merged")
+        save_merged(run.model, tokenizer, Path(out) / "merged", ledger=ledger)
     return run, result, metrics

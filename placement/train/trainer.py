@@ -1,5 +1,5 @@
-"""The compact adapter trainer: apply a plan (LoRA and the other families of PEFT, or our bottlenecks), train with
-AdamW, checkpoint and resume, save the adapter (PEFT's files, or ours for the families PEFT lacks).
+"""The compact adapter trainer: apply a plan (LoRA and the other families of PEFT, or our bottlenecks) and train it
+with AdamW. Checkpoints and resume are in `checkpoints.py`, the saved adapter and run files in `export.py`.
 
 One documented rule for every placement, so a comparison is fair: AdamW without weight decay, linear warm-up over
 the first 10% of steps then linear decay to zero, gradient clipping at norm 1.0, the same data order and seed.
@@ -8,13 +8,7 @@ autograd records nothing below the lowest adapted layer, and logits are taken on
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import data as data_mod
@@ -33,16 +26,12 @@ from ..families.lora import MUTATES_BASE, variant_of
 from ..measure import PeakMemory
 from ..model.loss import SummedTokenLoss, token_loss
 from ..model.shard import shard
-from ..outputs import (TMP_MARK, disk_error, file_mode, forget, fsync_tree, make_dirs, new_dir, record, write_csv,
-                      write_json, write_text)
-from ..plan.formats import adapter_config_text
 from ..plan.plan import Plan
-
-CHECKPOINTS = "checkpoints"
-
-
-class TrainError(PlacementError):
-    """A run that cannot go on (a non-finite loss, a missing checkpoint): one line, what happened and what to do."""
+# the checkpoints and the adapter export live beside the loop; their names stay importable from here
+from .checkpoints import (CHECKPOINTS, POINTER, TrainError, checkpoint_refusal, data_fingerprint,  # noqa: F401
+                          fingerprint, latest_checkpoint, load_checkpoint, plan_fingerprint, remove_checkpoint,
+                          remove_checkpoints, run_ledger, save_checkpoint)
+from .export import refuse_merge, save_adapter, save_merged, write_run  # noqa: F401
 
 
 @dataclass
@@ -187,15 +176,49 @@ def _schedule(optimizer, settings: TrainSettings):
     return get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
 
 
+def _optimiser(peft_model, settings: TrainSettings):
+    """The trainable parameters, AdamW and its schedule (after sharding: FSDP2 swaps in sharded parameters)."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return params, optimizer, _schedule(optimizer, settings)
+
+
+def _one_step(step_loss, batch, step: int, params, optimizer, schedule, settings: TrainSettings):
+    """One optimiser step; returns (the loss, the rate it was taken at)."""
+    loss, value = step_loss(batch)
+    if not math.isfinite(value):
+        raise TrainError(f"the training loss is {value} at step {step + 1}: lower --lr or check the data")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, settings.clip)
+    rate = schedule.get_last_lr()[0]
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value, rate
+
+
+def _start(out, resume: bool, ledger, peft_model, optimizer, schedule, settings, fingerprints):
+    """(first step, losses, rates): from the newest checkpoint the run's ledger lists with `resume`; else from zero,
+    after dropping the checkpoints of the run this one replaces (all checks have passed by now)."""
+    if not resume:
+        if out is not None and ledger is not None and ledger.record is not None:
+            remove_checkpoints(out, ledger)
+        return 0, [], []
+    state = latest_checkpoint(out, ledger) if out is not None else None
+    if state is None:
+        raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
+    return load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
+
+
 def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings, *, out: str | Path | None = None,
-          resume: bool = False, progress: bool = False, on_step=None) -> TrainResult:
+          resume: bool = False, progress: bool = False, on_step=None, ledger=None) -> TrainResult:
     """Train the plan's adapter. `model` is modified in place and returned with the adapter on it (a PeftModel for
     PEFT's families).
 
     With `out` and `settings.save_every`, a checkpoint (adapter, optimizer, schedule, RNG, step, and fingerprints of
-    the plan and the data) is written under `out/checkpoints` every `save_every` steps; `resume` continues from the
-    newest complete one and ends with the same adapter as an uninterrupted run. `on_step(step, loss)` is called
-    after every step.
+    the plan and the data) is written under `out/checkpoints` every `save_every` steps, through the run folder's
+    `ledger` (by default the one the command opened for `out`); `resume` continues from the newest complete one and
+    ends with the same adapter as an uninterrupted run. `on_step(step, loss)` is called after every step.
     """
     settings.check()
     batches = data_mod.training_batches(tokenizer, examples, steps=settings.steps, batch_size=settings.batch_size,
@@ -206,18 +229,10 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
         adapters.base_of(peft_model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = _schedule(optimizer, settings)
-    losses: list[float] = []
-    lrs: list[float] = []
-    start = 0
+    params, optimizer, schedule = _optimiser(peft_model, settings)
+    ledger = run_ledger(out) if out is not None and ledger is None else ledger
     fingerprints = {"plan": plan_fingerprint(plan), "data": data_fingerprint(examples)}
-    if resume:
-        state = latest_checkpoint(out) if out is not None else None
-        if state is None:
-            raise TrainError(f"no checkpoint in {out}: run without --resume to start training")
-        start, losses, lrs = load_checkpoint(state, peft_model, optimizer, schedule, settings, fingerprints)
+    start, losses, lrs = _start(out, resume, ledger, peft_model, optimizer, schedule, settings, fingerprints)
     device = next(peft_model.parameters()).device
     step_loss = _step_loss(peft_model, device, settings, root)
     peft_model.train()
@@ -226,238 +241,21 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
         for step in tqdm(range(start, settings.steps), desc="training", disable=not progress, initial=start,
                          total=settings.steps):
             began = time.perf_counter()
-            loss, value = step_loss(batches[step])
-            if not math.isfinite(value):
-                raise TrainError(f"the training loss is {value} at step {step + 1}: lower --lr or check the data")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.clip)
-            lrs.append(schedule.get_last_lr()[0])
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            value, rate = _one_step(step_loss, batches[step], step, params, optimizer, schedule, settings)
             seconds.append(time.perf_counter() - began)
             losses.append(value)
+            lrs.append(rate)
             done = step + 1
             if out is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-                save_checkpoint(Path(out), peft_model, optimizer, schedule, done, losses, lrs, settings, fingerprints)
+                save_checkpoint(Path(out), peft_model, optimizer, schedule, done, losses, lrs, settings, fingerprints,
+                                ledger)
             if on_step is not None:
                 on_step(done, value)
     peft_model.eval()
     if root is not None:  # evaluation calls the decoder and the head directly: keep the root's weights gathered
         root.unshard()
-    trainable = sum(p.numel() for p in params)
-    return TrainResult(peft_model, losses, lrs, seconds, peak.mib, trainable, settings, resumed_from=start,
-                       initial_adapter=initial)
-
-
-# -- checkpoints: safetensors for tensors, JSON for the rest, no pickle ---------------------------------------------
-# OUT/checkpoints/step-NNNNNNN/ holds one complete state; OUT/checkpoints/latest names the newest. A new state is
-# written under a temporary name, flushed to the disk and renamed into place, then the pointer is replaced, and only
-# then is the previous state deleted: a kill at any moment leaves at least one complete state that --resume finds.
-POINTER = "latest"
-
-
-def fingerprint(obj) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def plan_fingerprint(plan: Plan) -> str:
-    """What of a plan decides its training: the sites and arguments (and, for another family than LoRA, which)."""
-    if plan.family != "lora":
-        return fingerprint({"targets": sorted(plan.targets), "peft": plan.peft, "family": plan.family,
-                            "family_args": plan.family_args})
-    """What a checkpoint's adapter depends on: the sites and the PEFT arguments."""
-    return fingerprint({"targets": sorted(plan.targets), "peft": plan.peft})
-
-
-def data_fingerprint(examples: list) -> str:
-    """The training examples in their order (the batches depend on nothing else but the settings)."""
-    return fingerprint([data_mod.prompt_key(e) + "\x00" + str(e.response) for e in examples])
-
-
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def _step_dirs(folder: Path) -> list[Path]:
-    """Complete checkpoint states (a state.json is written last), oldest first."""
-    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def checkpoint_refusal(out):
-    """The refusal for a folder whose earlier run left a checkpoint (a `refusal_hint` of `run_folder`): say how to
-    continue it rather than only that the folder is taken."""
-    def hint(record: dict) -> str | None:
-        if any(str(f).startswith(CHECKPOINTS + "/") for f in record.get("files", [])):
-            return (f"--out {out} holds a checkpoint of an unfinished run: pass --resume to continue it, "
-                    "or --overwrite to start afresh")
-        return None
-
-    return hint
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint in a run folder: the pointer's, or else the newest complete state."""
-    folder = Path(out) / CHECKPOINTS
-    pointer = folder / POINTER
-    if pointer.is_file():
-        named = folder / pointer.read_text(encoding="utf-8").strip()
-        if named.name.startswith("step-") and (named / "state.json").is_file():
-            return named
-    states = _step_dirs(folder) if folder.is_dir() else []
-    return states[-1] if states else None
-
-
-def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losses, lrs, settings,
-                    fingerprints: dict) -> Path:
-    folder = Path(out) / CHECKPOINTS
-    target = folder / f"step-{step:07d}"
-    if target.exists():  # an incomplete state of this step, left by a kill before a resume
-        remove_checkpoint(target)
-    with new_dir(target) as tmp:
-        save_file(adapters.tensors(peft_model), str(tmp / "adapter.safetensors"))
-        tensors, groups = _optimizer_tensors(optimizer)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({
-            "step": step, "losses": losses, "lrs": lrs, "optimizer": groups, "schedule": schedule.state_dict(),
-            "settings": asdict(settings), **fingerprints,
-        }))
-        fsync_tree(tmp)
-    write_text(folder / POINTER, target.name + "\n")
-    for old in sorted(p for p in folder.glob("step-*") if p.is_dir() and p != target):
-        remove_checkpoint(old)
-    return target
-
-
-def remove_checkpoint(state: Path) -> None:
-    """Delete one checkpoint state of ours, file by file, and drop it from the run's list. state.json goes first, so
-    a state a kill interrupts here is never taken for a complete one."""
-    for item in sorted(state.rglob("*"), key=lambda p: p.name != "state.json"):
-        if item.is_file():
-            item.unlink()
-    shutil.rmtree(state, ignore_errors=True)
-    forget(state)  # everything listed under it, also what a killed run listed and had already deleted
-
-
-def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings: TrainSettings, fingerprints: dict):
-    run = folder.parent.parent
-    try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise TrainError(f"the checkpoint {folder} is unreadable ({type(err).__name__}): "
-                         "pass --overwrite to start afresh") from err
-    for key, what in (("plan", "another plan"), ("data", "other training data")):
-        if state.get(key) != fingerprints[key]:
-            raise TrainError(f"the checkpoint in {run} was made with {what}: resume with the plan and data it was "
-                             "made with, or pass --overwrite to start afresh")
-    saved = {k: v for k, v in state["settings"].items() if k != "save_every"}
-    asked = {k: v for k, v in asdict(settings).items() if k != "save_every"}
-    if saved != asked:
-        changed = sorted(k for k in asked if saved.get(k) != asked[k])
-        raise TrainError(f"the checkpoint in {run} was made with other settings ({', '.join(changed)}): "
-                         "resume with the same options or pass --overwrite to start afresh")
-    try:
-        adapter = load_file(str(folder / "adapter.safetensors"))
-        flat = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / "rng.safetensors"))["cpu"]
-    except Exception as err:  # a damaged file surfaces as the reader's own error type
-        raise TrainError(f"the checkpoint {folder} is damaged ({type(err).__name__}): pass --overwrite to start "
-                         "afresh") from err
-    adapters.load_tensors(peft_model, adapter)
-    slots: dict[int, dict] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
-    schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(rng)
-    return state["step"], list(state["losses"]), list(state["lrs"])
-
-
-# -- outputs ------------------------------------------------------------------------------------------------------
-def save_adapter(peft_model, out: str | Path, model_name: str | None = None, initial: dict | None = None) -> None:
-    """PEFT's own files (adapter_config.json, adapter_model.safetensors), each renamed into `out` when complete.
-    adapter_config.json names the base as the user gave it (`model_name`), never a cache path of this machine, and
-    lists its targets sorted, so identical runs write identical files. With `initial` (PiSSA, OLoRA), PEFT saves the
-    trained adapter minus its initial value: a plain LoRA of twice the rank that loads on the original base."""
-    out = Path(out)
-    make_dirs(out)
-    if adapters.is_ours(peft_model):  # our families: our config schema and safetensors, placement.families.load
-        adapters.save_ours(peft_model, out)
-        return
-    staged = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}adapter.", dir=out))
-    try:
-        conversion = {}
-        if initial is not None:
-            start = staged / "initial"
-            start.mkdir()
-            save_file(initial, str(start / "adapter_model.safetensors"), metadata={"format": "pt"})
-            conversion = {"path_initial_model_for_weight_conversion": str(start)}
-        peft_model.save_pretrained(str(staged), safe_serialization=True, **conversion, **_gathered(peft_model))
-        if initial is not None:
-            shutil.rmtree(staged / "initial")
-        local = _tidy_adapter_config(staged / "adapter_config.json", model_name)
-        card = staged / "README.md"
-        if local and model_name is not None and card.is_file():  # PEFT's model card names the base too
-            card.write_text(card.read_text(encoding="utf-8").replace(local, model_name), encoding="utf-8")
-        for item in sorted(staged.iterdir()):
-            file_mode(item)  # safetensors writes 0600; outputs are ordinary files
-            os.replace(item, out / item.name)
-            record(out / item.name)
-    except OSError as err:
-        raise disk_error(err, out) from err
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-
-
-def _gathered(peft_model) -> dict:
-    """Under FSDP2 the adapter's tensors are shards: PEFT saves them gathered (a collective: every rank calls it)."""
-    state = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
-    if not any(hasattr(v, "full_tensor") for v in state.values()):
-        return {}
-    return {"state_dict": {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}}
-
-
-def _tidy_adapter_config(path: Path, model_name: str | None) -> str | None:
-    """Rewrite PEFT's adapter_config.json deterministically; returns the base path PEFT had written."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(adapter_config_text(config, model_name), encoding="utf-8")
-    return config.get("base_model_name_or_path")
-
-
-def save_merged(peft_model, tokenizer, out: str | Path) -> None:
-    """The base with the adapter folded in, as an ordinary transformers model folder (LoRA and IA3 only)."""
-    if adapters.is_ours(peft_model) or not adapters.mergeable(peft_model.active_peft_config):
-        raise PlacementError("--merge folds LoRA or IA3 into the weights; this family's adapter cannot be merged: "
-                             "drop --merge")
-    merged = peft_model.merge_and_unload()
-    with new_dir(out) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-
-
-def write_run(result: TrainResult, out: str | Path, metrics: dict, model_name: str | None = None) -> None:
-    """The adapter, metrics.json and loss.csv; the checkpoints are dropped once the run is complete."""
-    out = Path(out)
-    save_adapter(result.model, out, model_name, initial=result.initial_adapter)
-    write_json(out / "metrics.json", metrics)
-    write_csv(out / "loss.csv", result.curve())
-    folder = out / CHECKPOINTS
-    if folder.is_dir():
-        for state in sorted(p for p in folder.glob("step-*") if p.is_dir()):
-            remove_checkpoint(state)
-        with contextlib.suppress(FileNotFoundError):
-            (folder / POINTER).unlink()
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        forget(folder)
+    return TrainResult(peft_model, losses, lrs, seconds, peak.mib, sum(p.numel() for p in params), settings,
+                       resumed_from=start, initial_adapter=initial)
 
 
 def run_metrics(result: TrainResult, plan: Plan) -> dict:
