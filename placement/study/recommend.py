@@ -238,8 +238,11 @@ def open_queue(folder: Path, storage: str | None, create: bool, resume: bool = F
         log(f"resume     {done} trials kept" + (f", {stale} a stopped worker left running run again" if stale
                                                   else ""))
     if create and storage is None:
-        from ..outputs import record
-        record(tq.default_storage(folder))  # the run's own file: replaced with the run, kept by --resume
+        from ..ledger import open_ledger
+
+        ledger = open_ledger(tq.default_storage(folder))
+        if ledger is not None:  # the run's own file: replaced with the run, kept by --resume
+            ledger.add(tq.default_storage(folder))
     return queue
 
 
