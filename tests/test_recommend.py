@@ -119,6 +119,10 @@ def test_recommend_end_to_end_and_join_on_a_finished_run(invoke, model_dir, data
     joined = invoke("recommend", "--join", out, "--quiet")
     assert joined.exit_code == 0, joined.output
     assert len(pd.read_csv(out / "trials.csv")) == len(trials)
+    reported = invoke("report", out)
+    assert reported.exit_code == 0, reported.output
+    page = (out / "report.html").read_text()
+    assert "The plan to follow at each budget" in page and "data:image/png;base64" in page
 
 
 def test_dry_run_prints_the_cost_and_writes_nothing(invoke, model_dir, data_file, tmp_path):

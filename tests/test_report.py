@@ -50,7 +50,7 @@ def test_report_is_self_contained_and_escaped(run_dir):
 
 
 def test_report_refuses_a_folder_without_results(tmp_path):
-    with pytest.raises(PlacementError, match="no profile, comparison, stability or validation"):
+    with pytest.raises(PlacementError, match="no profile, comparison, stability, validation or recommendation"):
         build(tmp_path)
 
 

@@ -124,41 +124,40 @@ def _validation(files: _Files, run: Path):
     return Validation(sites, scores, base_val_loss=float("nan"))  # the verdict needs only the two tables
 
 
-def build(run: str | Path) -> str:
-    run = Path(run)
-    if not run.is_dir():
-        raise PlacementError(f"{run} is not a folder: pass the --out folder of profile, compare or stability")
-    files = _Files(run)
-    profile = _profile_dir(run, files)
-    comparison = files.csv(run / "comparison.csv")
-    stability = files.csv(run / "stability.csv")
-    validation = _validation(files, run)
-    if profile is None and comparison is None and stability is None and validation is None:
-        raise PlacementError(f"{run} holds no profile, comparison, stability or validation results: pass a run folder")
+def _profile_section(files, profile: Path, comparison) -> tuple[str, list[str]]:
+    """The report's title and its profile part: the answer, the heatmaps, the margins and the top sites."""
+    plan = Plan.load(profile / "plan.json")
+    scores = files.csv(profile / "scores.csv", {"site", "layer", "role", "d_in", "d_out", "share", "rank"},
+                       "rerun placement profile")
+    model = plan.model
+    parts = [_answer(plan, scores, comparison), "<h2>Where the score sits: layers x roles</h2>",
+             _image(files, profile / "heatmap.png", "share of the score per layer and role"),
+             _image(files, profile / "heatmap_log.png", "the same on a log colour scale")]
+    margins = scores.groupby("role")["share"].sum().sort_values(ascending=False).rename("share").reset_index()
+    parts.append("<h2>Role margins</h2>" + _table(margins))
+    columns = [c for c in ("rank", "site", "layer", "role", "share", "rank_lo", "rank_hi", "p_top",
+                           *ranking_names()) if c in scores.columns and scores[c].notna().any()]
+    parts.append("<h2>Top 20 sites, with bootstrap rank intervals</h2>" + _table(scores[columns].head(20)))
+    if files.has(profile / "convergence.png"):
+        parts.append("<h2>How many calibration batches</h2>" + _image(files, profile / "convergence.png", "convergence"))
+    agreement = files.csv(profile / "score_agreement.csv")
+    if agreement is not None:
+        parts.append("<h2>Does the choice of score matter</h2>" + _table(agreement, "{:.3f}"))
+    parts.append(f'<p class="muted">model: {html.escape(json.dumps(model))}</p>')
+    return f"{model.get('name')} on {plan.probe.get('data')}", parts
+
+
+def _recommendation(files, run: Path) -> str | None:
+    """The recommend part: its own text (the winner per budget and its margins) and the Pareto figure."""
+    if not files.has(run / "recommendation.md"):
+        return None
+    text = (run / "recommendation.md").read_text(encoding="utf-8", errors="replace")
+    return ("<h2>The plan to follow at each budget</h2><pre>" + html.escape(text) + "</pre>"
+            + _image(files, run / "pareto.png", "validation loss against trainable parameters, a line per selector"))
+
+
+def _later_sections(files, run: Path, validation, stability, comparison) -> list[str]:
     parts = []
-    title = "placement report"
-    if profile is not None:
-        plan = Plan.load(profile / "plan.json")
-        scores = files.csv(profile / "scores.csv", {"site", "layer", "role", "d_in", "d_out", "share", "rank"},
-                           "rerun placement profile")
-        model = plan.model
-        title = f"{model.get('name')} on {plan.probe.get('data')}"
-        parts.append(_answer(plan, scores, comparison))
-        parts.append("<h2>Where the score sits: layers x roles</h2>")
-        parts.append(_image(files, profile / "heatmap.png", "share of the score per layer and role"))
-        parts.append(_image(files, profile / "heatmap_log.png", "the same on a log colour scale"))
-        margins = scores.groupby("role")["share"].sum().sort_values(ascending=False).rename("share").reset_index()
-        parts.append("<h2>Role margins</h2>" + _table(margins))
-        columns = [c for c in ("rank", "site", "layer", "role", "share", "rank_lo", "rank_hi", "p_top",
-                               *ranking_names()) if c in scores.columns and scores[c].notna().any()]
-        parts.append("<h2>Top 20 sites, with bootstrap rank intervals</h2>" + _table(scores[columns].head(20)))
-        if files.has(profile / "convergence.png"):
-            parts.append("<h2>How many calibration batches</h2>"
-                         + _image(files, profile / "convergence.png", "convergence"))
-        agreement = files.csv(profile / "score_agreement.csv")
-        if agreement is not None:
-            parts.append("<h2>Does the choice of score matter</h2>" + _table(agreement, "{:.3f}"))
-        parts.append(f'<p class="muted">model: {html.escape(json.dumps(model))}</p>')
     if validation is not None:
         parts.append("<h2>Does the score predict what training achieves?</h2>"
                      f'<p class="answer">{html.escape(validation.verdict())}</p>'
@@ -175,6 +174,27 @@ def build(run: str | Path) -> str:
     if info is not None:
         parts.append("<h2>Made by</h2><pre>" + html.escape(" ".join(map(str, info.get("command", [])))) + "</pre>"
                      + _table(pd.DataFrame([info.get("versions", {})])))
+    return parts
+
+
+def build(run: str | Path) -> str:
+    run = Path(run)
+    if not run.is_dir():
+        raise PlacementError(f"{run} is not a folder: pass the --out folder of profile, compare, stability, validate "
+                             "or recommend")
+    files = _Files(run)
+    profile = _profile_dir(run, files)
+    comparison = files.csv(run / "comparison.csv")
+    stability = files.csv(run / "stability.csv")
+    validation = _validation(files, run)
+    recommendation = _recommendation(files, run)
+    if all(part is None for part in (profile, comparison, stability, validation, recommendation)):
+        raise PlacementError(f"{run} holds no profile, comparison, stability, validation or recommendation results: "
+                             "pass a run folder")
+    title, parts = "placement report", []
+    if profile is not None:
+        title, parts = _profile_section(files, profile, comparison)
+    parts = [recommendation, *parts] + _later_sections(files, run, validation, stability, comparison)
     body = "\n".join(p for p in parts if p)
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
