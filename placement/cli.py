@@ -184,7 +184,8 @@ def stability(model, data, calibration, batching, top, run, output, launch):
 @click.argument("run_dir", type=click.Path())
 @user_errors
 def report(run_dir):
-    """Write RUN_DIR/report.html: one self-contained page for a profile, compare, stability, validate or recommend folder."""
+    """Write RUN_DIR/report.html: one self-contained page for a profile, compare, stability, validate or recommend
+    folder."""
     from .report.html import write_report
 
     click.echo(f"wrote {write_report(run_dir)}")
