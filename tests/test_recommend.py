@@ -56,6 +56,20 @@ def test_schedule_sweeps_then_promotes_the_best_third_and_page(tmp_path):
     assert all(r["steps"] == 6 for r in results.values() if r["stage"] == "rung1")
 
 
+def test_one_rung_stops_after_rung_zero_and_decides_on_it(tmp_path):
+    from placement.study.recommend_report import trials_frame
+    from placement.study.rungs import trial_count
+
+    quick = RecommendSettings(budget=[5.0], trial_steps=2, rates=(1e-3, 1e-2), rungs=1)
+    queue = tq.TrialQueue(str(tmp_path / "t.journal"), create=True)
+    results = _drive(queue, ENTRIES, quick, Counter(), threading.Lock())
+    assert {r["stage"] for r in results.values()} == {"rung0"} and len(results) == 2 + 5
+    assert trial_count(ENTRIES, quick) == (7, 14)
+    decision = decide(trials_frame(results, 1000))["5%"]
+    assert decision["selector"] == "s3" and decision["spread"] == 0  # the best at the swept rate, one seed
+    assert decision["margin_page"] == pytest.approx(0.3)  # page at its best rate, not its sweep's worst
+
+
 def test_two_workers_run_no_trial_twice_and_agree_with_one(tmp_path):
     lock = threading.Lock()
     one = _drive(tq.TrialQueue(str(tmp_path / "one.journal"), create=True), ENTRIES, SETTINGS, Counter(), lock)

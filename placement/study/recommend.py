@@ -61,6 +61,9 @@ class RecommendSettings:
     rates: tuple[float, ...] = field(default=(1e-3, 3e-3, 1e-2), metadata={
         "help": "comma-separated learning rates of the sweep on page's plan that picks each budget's rate",
         "parse": _rates, "show": lambda v: ",".join(f"{x:g}" for x in v)})
+    rungs: int = field(default=2, metadata={
+        "help": "rungs of trials: 2 promotes the best third of rung 0 to three times the steps on two seeds; 1 stops "
+                "after rung 0 (one seed, so no spread: a quick answer)", "range": (1, 2)})
     budget: tuple[float, ...] = (1.0, 2.5, 5.0)  # percents of all-linear at rank r
     max_params: int | None = None  # one budget of this many parameters instead
     r: int = 8

@@ -22,8 +22,20 @@ def trials_frame(results: dict, full: int) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def _final(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
+    """The trials a budget's decision reads: rung 1 (two seeds), or rung 0 at the budget's swept rate when the run
+    stopped there (`--rungs 1`)."""
+    rows = frame[frame.budget == budget]
+    if (rows.stage == "rung1").any():
+        return rows[rows.stage == "rung1"]
+    first = rows[rows.stage == "rung0"]
+    page = first[first.selector == "page"]
+    rate = page.loc[page.val_loss.idxmin(), "lr"] if len(page) else first.lr.mode().iloc[0]
+    return first[first.lr == rate]
+
+
 def _summaries(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
-    longer = frame[(frame.stage == "rung1") & (frame.budget == budget)]
+    longer = _final(frame, budget)
     return longer.groupby("selector").agg(mean=("val_loss", "mean"), lo=("val_loss", "min"), hi=("val_loss", "max"),
                                           params=("params", "first"), sites=("sites", "first")).reset_index()
 
@@ -58,8 +70,10 @@ def _number(value, fmt: str = ".4f") -> str:
 
 
 def markdown(decision: dict, full: int, settings) -> str:
+    runs = (f"after {3 * settings.trial_steps} steps, mean over seeds 0 and 1 (spread: max - min)"
+            if settings.rungs > 1 else f"after {settings.trial_steps} steps of rung 0, seed 0 alone (no spread)")
     lines = ["# Recommendation", "",
-             f"Validation loss after {3 * settings.trial_steps} steps, mean over seeds 0 and 1 (spread: max - min); "
+             f"Validation loss {runs}; "
              f"budgets in percent of all-linear LoRA at r={settings.r} ({full:,} parameters). Within the best's "
              "spread the plan with fewer parameters wins.", "",
              "| budget | recommended | params | % all-linear | val loss | spread | runner-up | margin | margin over page |",

@@ -66,6 +66,8 @@ def schedule(results: dict, entries: dict, settings) -> list[dict] | None:
     rung0 = [_key("rung0", sel, b, 0, t, rates[b]) for sel, b in entries]
     if any(tq.key_text(k) not in results for k in rung0):
         return rung0
+    if settings.rungs < 2:
+        return None
     rung1 = [_key("rung1", sel, b, seed, ETA * t, rates[b])
              for b, sels in promoted(results, entries, rates, settings).items() for sel in sels for seed in (0, 1)]
     if any(tq.key_text(k) not in results for k in rung1):
@@ -78,7 +80,7 @@ def trial_count(entries: dict, settings) -> tuple[int, int]:
     trials = steps = 0
     for budget in {b for _, b in entries}:
         n = sum(1 for _, b in entries if b == budget)
-        top = math.ceil(n / ETA) + 1  # + page, when it is not among them
+        top = math.ceil(n / ETA) + 1 if settings.rungs > 1 else 0  # + page, when it is not among them
         trials += len(settings.rates) - 1 + n + 2 * top
         steps += settings.trial_steps * (len(settings.rates) - 1 + n) + 2 * top * ETA * settings.trial_steps
     return trials, steps
