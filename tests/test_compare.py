@@ -167,17 +167,8 @@ def test_generation_stops_at_end_of_turn():
 
 
 
-@pytest.fixture(scope="module")
-def plan_dir(invoke, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profile")
-    profile = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1", "--batch-size",
-                  "4", "--out", out, "--quiet")
-    assert profile.exit_code == 0, profile.output
-    return out
-
-
-def test_cli_train_and_compare(invoke, model_dir, plan_dir, tmp_path):
-    trained = invoke("train", "--plan", plan_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
+def test_cli_train_and_compare(invoke, model_dir, profile_dir, tmp_path):
+    trained = invoke("train", "--plan", profile_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
                   "3", "--batch-size", "4", "--test", "4", "--validation", "0", "--max-new-tokens", "4", "--merge",
                   "--out", tmp_path / "t", "--quiet", "--json")
     assert trained.exit_code == 0, trained.output
@@ -214,11 +205,11 @@ def test_the_sweep_tries_the_rates_of_lr_grid(invoke, model_dir, tmp_path):
     (["train", "--resume"], "no checkpoint"),
     (["train", "--steps", "0"], "--steps"),
 ])
-def test_cli_bad_training_input(invoke, model_dir, plan_dir, tmp_path, args, words):
+def test_cli_bad_training_input(invoke, model_dir, profile_dir, tmp_path, args, words):
     common = ["--model", model_dir, "--data", "builtin:arithmetic", "--out", tmp_path / "o", "--quiet",
               "--test", "4", "--batch-size", "4"]
     if args[0] == "train":
-        common += ["--plan", plan_dir]
+        common += ["--plan", profile_dir]
     else:
         common += ["--batches", "1"]
     result = invoke(*args, *common)

@@ -28,14 +28,6 @@ TRAIN = ("--data", "builtin:arithmetic", "--steps", "2", "--batch-size", "4", "-
          "--validation", "0", "--max-new-tokens", "3", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def profile_dir(invoke, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profiled") / "run"
-    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def run_record(folder: Path) -> dict:
     return json.loads((folder / "run.json").read_text())
 
