@@ -534,12 +534,12 @@ def test_the_demo_writes_an_untracked_folder_by_default():
     assert "runs/" in ignored
 
 
-def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, profile_dir,
+                                                                   tmp_path):
     fast = tmp_path / "fast"
     assert invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--out", fast).exit_code == 0
     assert_one_line_error(invoke("plan", fast, "--strategy", "allocate", "--max-params", "500"), "spectrum")
-    plain = tmp_path / "plain"  # the exact probe keeps no spectrum unless asked
-    assert invoke("profile", "--model", model_dir, *PROFILE, "--out", plain).exit_code == 0
+    plain = profile_dir  # the exact probe keeps no spectrum unless asked
     assert_one_line_error(invoke("plan", plain, "--strategy", "allocate", "--max-params", "500"), "--spectrum-k")
     exact = tmp_path / "exact"
     assert invoke("profile", "--model", model_dir, *PROFILE, "--spectrum-k", "8", "--out", exact).exit_code == 0
