@@ -5,7 +5,6 @@ started once and run every command in turn, as a launcher would start each."""
 import contextlib
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import random_batch
+from helpers import free_port
 from placement import distributed
 from placement.plan import Strategy
 from placement.probe import ProbeSettings, probe
@@ -30,12 +30,6 @@ PROFILE = ["profile", "--data", "builtin:arithmetic", "--batch-size", "3", "--ma
            "--quiet"]
 # 5 batches over 2 ranks under DDP: uneven shares, the same sums; FSDP2 needs even shares (every rank runs each pass)
 ENGINES = {"ddp": ["--batches", "5"], "fsdp": ["--batches", "4", "--fsdp"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _probe(model):
@@ -80,7 +74,7 @@ def launched(model_dir, make_plan, tmp_path_factory):
     commands["stability"] = ["stability", "--model", model_dir, "--data", "builtin:arithmetic", "--data", words,
                              "--batches", "2", "--batch-size", "2", "--max-length", "48", "--quiet"]
     lines = [[str(a) for a in args] + ["--out", str(folder / name)] for name, args in commands.items()]
-    ports = [_free_port() for _ in range(len(lines) + 1)]
+    ports = [free_port() for _ in range(len(lines) + 1)]
     mp.spawn(_worker, args=(2, ports, lines, str(folder)), nprocs=2, join=True)
     return folder, commands
 

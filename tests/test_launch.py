@@ -2,7 +2,6 @@
 CPU) on a tiny model gives the single-process profile, adapters and comparison, and only rank 0 writes and prints;
 what a launcher cannot do is refused in one line. (Each command under DDP and FSDP: test_distributed.py.)"""
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,18 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def torchrun(*args, tmp, nproc=2):
     """The command under torchrun, with the ranks' temporary folders in `tmp`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmp))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "placement", *map(str, args)]
+               f"--master_port={free_port()}", "-m", "placement", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=540)
 
 
