@@ -52,6 +52,7 @@ def compared(make_plan, tmp_path_factory):
     return out, comparison, model, splits
 
 
+@pytest.mark.slow
 def test_table_rows_and_columns(compared):
     out, comparison, _, _ = compared
     table = comparison.table
@@ -117,6 +118,7 @@ def test_markdown_marks_differences_that_are_not_significant():
     assert formatted_table(table.assign(p_eval_loss=0.0)).iloc[0]["p loss"] == "<0.001"
 
 
+@pytest.mark.slow
 def test_every_arm_sees_the_same_first_batch(compared):
     # B starts at zero, and the first step runs at learning rate 0 under warm-up: every arm's first loss is the
     # base model's loss on the first batch, which only holds if every arm trains on the same batches.
@@ -125,6 +127,7 @@ def test_every_arm_sees_the_same_first_batch(compared):
     assert max(firsts.values()) - min(firsts.values()) < 1e-5, firsts
 
 
+@pytest.mark.slow
 def test_arm_adapters_load_with_peft(compared):
     out, _, _, splits = compared
     folder = out / "arms" / "top-2-r8"
@@ -135,6 +138,7 @@ def test_arm_adapters_load_with_peft(compared):
     assert len(predictions) == len(splits[2])
 
 
+@pytest.mark.slow
 def test_base_model_is_left_untouched(compared):
     _, _, model, _ = compared
     assert not any("lora_" in name for name, _ in model.named_parameters())

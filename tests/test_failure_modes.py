@@ -184,6 +184,7 @@ def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
         train(tiny_model("llama"), tokenizer, plan, _examples(16), settings, out=tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_a_killed_training_run_resumes_and_is_never_silently_discarded(invoke, assert_one_line_error, profile_dir,
                                                                        model_dir, tmp_path):
     out = tmp_path / "train"
