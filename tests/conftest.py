@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,26 @@ def model_dir(tmp_path_factory):
     tiny_model("llama", num_hidden_layers=3).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# The calibration the shared profile runs with: small enough for seconds, two batches for the bootstrap's convergence.
+PROFILE = ("--data", "builtin:arithmetic", "--batches", "2", "--batch-size", "4", "--max-length", "48", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def profiled(invoke, model_dir, tmp_path_factory):
+    """The tiny model profiled once per session with PROFILE: (the profile folder, the --json summary). A test that
+    changes the folder copies it first, or puts it back as it was."""
+    out = tmp_path_factory.mktemp("profiled") / "run"
+    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+@pytest.fixture(scope="session")
+def profile_dir(profiled):
+    """The shared profile's folder (scores.csv, plan.json, ...), as `plan` and `train --plan` take it."""
+    return profiled[0]
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,7 @@ class FamilyChecks:
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         assert trainable == sum(family.params(row, self.size) for row in chosen)
 
+    @pytest.mark.slow
     def test_adapter_round_trips(self, arch, model, tmp_path):
         torch.manual_seed(0)
         adapted = self.apply_adapter(model, [r["site"] for r in self.one(self.rows(model))])

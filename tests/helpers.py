@@ -1,6 +1,7 @@
-"""What the tests share: the command line run in-process, what a user-error exit must look like, and plans made
-from a synthetic ranking. conftest.py hands each out as a fixture of the same name."""
+"""What the tests share: the command line run in-process, what a user-error exit must look like, a free port for
+a process group, and plans made from a synthetic ranking. conftest.py hands each out as a fixture of the same name."""
 import copy
+import socket
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,13 @@ def assert_one_line_error(result, *words):
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 R = 4

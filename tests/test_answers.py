@@ -132,61 +132,49 @@ def test_extracted_answers_read_back_unchanged():
 
 
 # -- extraction ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("output, expected", [
-    ("144", "144"),
-    ("-12", "-12"),
-    ("The answer is 12.", "12"),
-    ("The answer is 12.0", "12"),
-    ("12.50", "12.5"),
-    ("It costs $1,234.50 in all.", "1234.5"),
-    ("1,000,000", "1000000"),
-    ("1,2,3", "3"),                      # a list, not 123
-    ("1,234, then 5", "5"),
-    ("5-3", "3"),                        # subtraction, not -3
-    ("5 - 3", "3"),
-    ("(2 + 3)-1", "1"),
-    ("x = -3", "-3"),
-    ("it fell to -3", "-3"),
-    ("(-3)", "-3"),
-    ("\u22127", "-7"),                   # the minus sign U+2212
-    ("The answer is 3/4.", "0.75"),      # a fraction without spaces is one number
-    ("40 / 2 = 20", "20"),
-    ("40 / 2", "2"),                     # with spaces it is two
-    ("2/3", "0.6666666666666666"),
-    ("1/0", "0"),
-    ("0.00001", "0.00001"),              # never exponent notation
-    ("-0", "0"),
-    ("There are 25% more.", "25"),
-    ("no number here", None),
-    ("", None),
+@pytest.mark.parametrize("kind, output, expected", [
+    ("number", "144", "144"),
+    ("number", "-12", "-12"),
+    ("number", "The answer is 12.", "12"),
+    ("number", "The answer is 12.0", "12"),
+    ("number", "12.50", "12.5"),
+    ("number", "It costs $1,234.50 in all.", "1234.5"),
+    ("number", "1,000,000", "1000000"),
+    ("number", "1,2,3", "3"),                                # a list, not 123
+    ("number", "1,234, then 5", "5"),
+    ("number", "5-3", "3"),                                  # subtraction, not -3
+    ("number", "5 - 3", "3"),
+    ("number", "(2 + 3)-1", "1"),
+    ("number", "x = -3", "-3"),
+    ("number", "it fell to -3", "-3"),
+    ("number", "(-3)", "-3"),
+    ("number", "\u22127", "-7"),                             # the minus sign U+2212
+    ("number", "The answer is 3/4.", "0.75"),                # a fraction without spaces is one number
+    ("number", "40 / 2 = 20", "20"),
+    ("number", "40 / 2", "2"),                               # with spaces it is two
+    ("number", "2/3", "0.6666666666666666"),
+    ("number", "1/0", "0"),
+    ("number", "0.00001", "0.00001"),                        # never exponent notation
+    ("number", "-0", "0"),
+    ("number", "There are 25% more.", "25"),
+    ("number", "no number here", None),
+    ("number", "", None),
+    ("boolean", "the correct answer is true", "true"),
+    ("boolean", "True", "true"),
+    ("boolean", "FALSE.", "false"),
+    ("boolean", "True or false? It is false", "false"),      # the last one counts
+    ("boolean", "that is untrue", None),                     # whole words only
+    ("boolean", "falsetto", None),
+    ("boolean", "", None),
+    ("choice", "the correct answer is answer2", "answer2"),
+    ("choice", "Answer 3", "answer3"),
+    ("choice", "answer1, no: answer4", "answer4"),
+    ("choice", "ANSWER02", "answer2"),
+    ("choice", "the correct answer is", None),
+    ("choice", "myanswer2", None),
 ])
-def test_extract_number(output, expected):
-    assert extract(output, "number") == expected
-
-
-@pytest.mark.parametrize("output, expected", [
-    ("the correct answer is true", "true"),
-    ("True", "true"),
-    ("FALSE.", "false"),
-    ("True or false? It is false", "false"),   # the last one counts
-    ("that is untrue", None),                  # whole words only
-    ("falsetto", None),
-    ("", None),
-])
-def test_extract_boolean(output, expected):
-    assert extract(output, "boolean") == expected
-
-
-@pytest.mark.parametrize("output, expected", [
-    ("the correct answer is answer2", "answer2"),
-    ("Answer 3", "answer3"),
-    ("answer1, no: answer4", "answer4"),
-    ("ANSWER02", "answer2"),
-    ("the correct answer is", None),
-    ("myanswer2", None),
-])
-def test_extract_choice(output, expected):
-    assert extract(output, "choice") == expected
+def test_extract(kind, output, expected):
+    assert extract(output, kind) == expected
 
 
 def test_extract_text():

@@ -24,6 +24,7 @@ def logits(model, batch):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_each_variant_trains_two_steps_and_loads_back_on_the_original_base(make_plan, tmp_path, family, variant):

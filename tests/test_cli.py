@@ -15,15 +15,6 @@ def other_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def profiled(invoke, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "arith"
-    result = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "2",
-                    "--batch-size", "4", "--out", out, "--quiet", "--json")
-    assert result.exit_code == 0, result.output
-    return out, json.loads(result.output)
-
-
 def test_sites_json_lists_every_site(invoke, model_dir):
     result = invoke("sites", "--model", model_dir, "--json")
     assert result.exit_code == 0, result.output

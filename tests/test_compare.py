@@ -53,6 +53,7 @@ def compared(make_plan, tmp_path_factory):
     return out, comparison, model, splits
 
 
+@pytest.mark.slow
 def test_table_rows_and_columns(compared):
     out, comparison, _, _ = compared
     table = comparison.table
@@ -122,6 +123,7 @@ def test_markdown_marks_differences_that_are_not_significant():
     assert formatted_table(table.assign(p_eval_loss=0.0)).iloc[0]["p loss"] == "<0.001"
 
 
+@pytest.mark.slow
 def test_every_arm_sees_the_same_first_batch(compared):
     # B starts at zero, and the first step runs at learning rate 0 under warm-up: every arm's first loss is the
     # base model's loss on the first batch, which only holds if every arm trains on the same batches.
@@ -130,6 +132,7 @@ def test_every_arm_sees_the_same_first_batch(compared):
     assert max(firsts.values()) - min(firsts.values()) < 1e-5, firsts
 
 
+@pytest.mark.slow
 def test_arm_adapters_load_with_peft(compared):
     out, _, _, splits = compared
     folder = out / "arms" / "top-2-r8"
@@ -140,6 +143,7 @@ def test_arm_adapters_load_with_peft(compared):
     assert len(predictions) == len(splits[2])
 
 
+@pytest.mark.slow
 def test_base_model_is_left_untouched(compared):
     _, _, model, _ = compared
     assert not any("lora_" in name for name, _ in model.named_parameters())
@@ -172,17 +176,8 @@ def test_generation_stops_at_end_of_turn():
 
 
 
-@pytest.fixture(scope="module")
-def plan_dir(invoke, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profile")
-    profile = invoke("profile", "--model", model_dir, "--data", "builtin:arithmetic", "--batches", "1", "--batch-size",
-                  "4", "--out", out, "--quiet")
-    assert profile.exit_code == 0, profile.output
-    return out
-
-
-def test_cli_train_and_compare(invoke, model_dir, plan_dir, tmp_path):
-    trained = invoke("train", "--plan", plan_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
+def test_cli_train_and_compare(invoke, model_dir, profile_dir, tmp_path):
+    trained = invoke("train", "--plan", profile_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
                   "3", "--batch-size", "4", "--test", "4", "--validation", "0", "--max-new-tokens", "4", "--merge",
                   "--out", tmp_path / "t", "--quiet", "--json")
     assert trained.exit_code == 0, trained.output
@@ -219,11 +214,11 @@ def test_the_sweep_tries_the_rates_of_lr_grid(invoke, model_dir, tmp_path):
     (["train", "--resume"], "no checkpoint"),
     (["train", "--steps", "0"], "--steps"),
 ])
-def test_cli_bad_training_input(invoke, model_dir, plan_dir, tmp_path, args, words):
+def test_cli_bad_training_input(invoke, model_dir, profile_dir, tmp_path, args, words):
     common = ["--model", model_dir, "--data", "builtin:arithmetic", "--out", tmp_path / "o", "--quiet",
               "--test", "4", "--batch-size", "4"]
     if args[0] == "train":
-        common += ["--plan", plan_dir]
+        common += ["--plan", profile_dir]
     else:
         common += ["--batches", "1"]
     result = invoke(*args, *common)

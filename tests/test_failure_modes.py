@@ -28,14 +28,6 @@ TRAIN = ("--data", "builtin:arithmetic", "--steps", "2", "--batch-size", "4", "-
          "--validation", "0", "--max-new-tokens", "3", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def profile_dir(invoke, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profiled") / "run"
-    result = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def run_record(folder: Path) -> dict:
     return json.loads((folder / "run.json").read_text())
 
@@ -204,6 +196,7 @@ def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
         train(tiny_model("llama"), tokenizer, plan, _examples(16), settings, out=tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_a_killed_training_run_resumes_and_is_never_silently_discarded(invoke, assert_one_line_error, profile_dir,
                                                                        model_dir, tmp_path):
     out = tmp_path / "train"
@@ -554,12 +547,12 @@ def test_the_demo_writes_an_untracked_folder_by_default():
     assert "runs/" in ignored
 
 
-def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, tmp_path):
+def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, profile_dir,
+                                                                   tmp_path):
     fast = tmp_path / "fast"
     assert invoke("profile", "--model", model_dir, *PROFILE, "--fast", "--out", fast).exit_code == 0
     assert_one_line_error(invoke("plan", fast, "--strategy", "allocate", "--max-params", "500"), "spectrum")
-    plain = tmp_path / "plain"  # the exact probe keeps no spectrum unless asked
-    assert invoke("profile", "--model", model_dir, *PROFILE, "--out", plain).exit_code == 0
+    plain = profile_dir  # the exact probe keeps no spectrum unless asked
     assert_one_line_error(invoke("plan", plain, "--strategy", "allocate", "--max-params", "500"), "--spectrum-k")
     exact = tmp_path / "exact"
     assert invoke("profile", "--model", model_dir, *PROFILE, "--spectrum-k", "8", "--out", exact).exit_code == 0

@@ -51,6 +51,7 @@ def test_arm_sizes_refused(spec, words):
         assert word in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("label", ARMS)
 def test_each_family_trains_saves_and_loads_back(make_plan, arch, label, tmp_path):

@@ -137,6 +137,7 @@ def test_no_class_carries_too_many_jobs():
     assert not long, long
 
 
+@pytest.mark.slow
 def test_python_dash_m_placement_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "placement", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -32,6 +32,7 @@ def test_page_sampled_equals_peft_lora_b_grad(family, use_rslora):
         assert result.loc[site.name, "page_sampled"] == pytest.approx(oracle, rel=1e-5), site.name
 
 
+@pytest.mark.slow
 def test_page_is_the_mean_of_page_sampled_over_seeds():
     model = tiny_model("llama")
     batch = random_batch(2)

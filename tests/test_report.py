@@ -61,6 +61,7 @@ def _chromium():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
                     reason="needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):

@@ -73,6 +73,7 @@ def test_first_step_drop_matches_its_first_order_prediction(make_plan):
         assert row[f"{optimizer}_ratio"] == pytest.approx(1.0, abs=0.1), row
 
 
+@pytest.mark.slow
 def test_validate_end_to_end(invoke, model_dir, tmp_path):
     out = tmp_path / "validate"
     result = invoke("validate", "--model", model_dir, "--data", "builtin:arithmetic", "--sites", "8", "--steps", "2",
