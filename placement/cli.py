@@ -18,6 +18,7 @@ from .outputs import finite, run_folder
 from .plan.strategies import parse_arms
 from .probe.settings import ProbeSettings
 from .study.compare import CompareSettings
+from .study.recommend import RecommendSettings
 from .study.validate import ValidateSettings
 from .train.trainer import TrainSettings
 
@@ -273,24 +274,30 @@ def validate(model, data, validate, probe, calibration, run, output, launch):
           calibration=use(CalibrationArgs, "batches"), train=use(TrainSettings, "steps", steps=60, max_length=64),
           data=use(DataArgs, "n_test", data="builtin:arithmetic", n_test=60, n_validation=32),
           compare=use(CompareSettings, "arms", arms=parse_arms("dominant,all-linear"), build=False),
-          output=OutputArgs)
-def demo(run, calibration, train, data, compare, output):
-    """Profile the embedded SmolLM2-135M on builtin:arithmetic, plan, train the dominant site and all-linear LoRA
-    on the same data, compare them and write the report folder (no network); an earlier demo in --out is
-    replaced."""
+          recommend=use(RecommendSettings, "trial_steps", trial_steps=6, build=False),
+          probe=use(ProbeSettings, "lookahead_steps", lookahead_steps=8, build=False), output=OutputArgs)
+def demo(run, calibration, train, data, compare, recommend, probe, output):
+    """On the embedded SmolLM2-135M and builtin:arithmetic: a quick recommendation at 5% of all-linear LoRA's
+    parameters, then the recommended plan, the dominant site and all-linear LoRA trained on the same data and
+    compared on held-out questions, with the report (no network); an earlier demo in --out is replaced."""
     from .plan import Strategy
     from .study.compare import compare_inputs, demo_summary
+    from .study.demo import quick_recommendation, recommendation_lines, run_demo
 
     splits = _splits(data, train.seed, output.quiet)
     arms, _, _ = compare_inputs(compare.arms, splits, False, None, None, 12)
-
-    def top4(base):
+    study = CompareSettings(arms, train, max_new_tokens=12)
+    quick = quick_recommendation(study, data.n_test, data.n_validation, calibration.batches, recommend.trial_steps,
+                                 probe.lookahead_steps)
+    with run_folder(run.out, overwrite=run.overwrite):
+        lm, tokenizer, source = _load(ModelArgs(), output.quiet)
+        comparison, base, chosen = run_demo(lm, tokenizer, source, data.data, splits, study, quick, run.out,
+                                            probe_settings=ProbeSettings(), batches=calibration.batches,
+                                            progress=not output.quiet, log=_log(output.quiet))
         base.with_strategy(Strategy("top-k", k=4)).save(Path(run.out) / "profile" / "top4.json")
-
-    comparison, base = _comparison(run, ModelArgs(), output, CompareSettings(arms, train, max_new_tokens=12),
-                                   data=data.data, splits=splits, base=None, probe=ProbeSettings(),
-                                   batches=calibration.batches, then=top4)
-    _emit(*demo_summary(comparison, base, run.out), output)
+        _finish(run)
+    summary, lines = demo_summary(comparison, base, run.out)
+    _emit(summary | {"recommended": chosen}, recommendation_lines(chosen) + lines, output)
 
 
 from .cli_recommend import recommend  # noqa: E402  (its own module: the recommend study's command)

@@ -15,6 +15,11 @@ from tiny import VOCAB_SIZE, tiny_tokenizer
 
 @pytest.mark.slow
 @pytest.mark.embedded
+def plan_size(out) -> int:
+    """All-linear LoRA's trainable parameters at the profile's rank: the yardstick of the demo's budget."""
+    return Plan.load(out / "profile").all_linear_params()
+
+
 def test_embedded_model_loads_answers_and_runs_the_demo(invoke, tmp_path):
     """The cached weights are the real model, and the README's demo, cut down to seconds, profiles, plans, trains,
     compares and reports on it."""
@@ -36,12 +41,17 @@ def test_embedded_model_loads_answers_and_runs_the_demo(invoke, tmp_path):
 
     out = tmp_path / "demo"
     result = invoke("demo", "--out", out, "--batches", "1", "--steps", "2", "--test", "4", "--arms", "dominant",
-                    "--quiet", "--json")
+                    "--trial-steps", "1", "--lookahead-steps", "1", "--quiet", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["dominant_site"].startswith("model.layers.")
-    assert [row["arm"] for row in summary["rows"]] == ["base", "dominant"]
+    assert [row["arm"] for row in summary["rows"]] == ["base", "recommended", "dominant"]
+    chosen = summary["recommended"]  # the quick recommendation's plan is the arm `recommended`
+    assert chosen["budget"] == "5%" and Plan.load(out / "recommend" / "plan-5%.json").provenance["selector"] == \
+        chosen["selector"]
+    assert chosen["params"] <= 0.05 * plan_size(out)
     for name in ("report.html", "comparison.csv", "curves.png", "profile/heatmap.png", "profile/top4.json",
+                 "recommend/recommendation.md", "recommend/pareto.png", "arms/recommended/adapter_model.safetensors",
                  "arms/dominant/adapter_model.safetensors", "run.json"):
         assert (out / name).is_file(), name
     plan = Plan.load(out / "profile")
