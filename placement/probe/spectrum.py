@@ -6,7 +6,8 @@ float64 eigendecomposition per site and batch (the oracle, `scores.gradient_spec
 smallest symmetric matrix that shares G's nonzero eigenvalues, formed in float32: G G^T (d_out), G^T G (d_in), or on
 the token side R K_X R^T, where D^T = Q R (so K_D = D D^T = R^T R) and K_X = X X^T. That last form needs no matrix
 square root, which the oracle's K_X^{1/2} K_D K_X^{1/2} does. The Ritz values of the range are the estimates; a
-matrix no more than twice as wide as the range is decomposed exactly instead, where that costs no more.
+matrix no more than EXACT_UP_TO times as wide as the range is decomposed in full instead (in float32), which costs
+no more there.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .scores import Grams, full_gram
 MIN_RANGE = 64
 OVERSAMPLE = 32
 POWER = 4
+JITTER = 1e-6
+EXACT_UP_TO = 4  # matrices at most this many times the range's width are decomposed in full
 SEED = 0  # the range finder's start is fixed, so a profile is repeatable
 
 
@@ -28,27 +31,41 @@ def smallest_gram(d: torch.Tensor, x: torch.Tensor | None, x_grams: Grams | None
                   g: torch.Tensor | None = None) -> torch.Tensor:
     """The smallest symmetric positive semi-definite matrix with G's nonzero sigma_i^2 as its eigenvalues, float32.
 
-    d (N, d_out) and x (N, d_in) are the site's kept rows; with x None only x's full token Grams are at hand; `g`
-    is G where the exact energies already formed it."""
+    d (N, d_out) and x (N, d_in) are the site's kept rows; `x_grams` x's token Grams where the exact energies formed
+    them (with x None the only form of x at hand); `g` is G where the exact energies formed it."""
     n, d_out = d.shape
     d = d.float()
     if g is not None and min(g.shape) <= n:
         g = g.float()
     elif x is None or n < min(x.shape[1], d_out):
-        k_x = full_gram(x_grams, n).float() if x is None else x.float() @ x.float().t()
-        r = torch.linalg.qr(d.t(), mode="r")[1]  # (min(d_out, N), N); K_D = R^T R
-        return r @ k_x @ r.t()
+        full = x_grams is not None and x_grams.full
+        return token_side(d, full_gram(x_grams, n).float() if full else x.float() @ x.float().t())
     else:
         g = d.t() @ x.float()
     return g @ g.t() if d_out <= g.shape[1] else g.t() @ g
+
+
+def token_side(d: torch.Tensor, k_x: torch.Tensor) -> torch.Tensor:
+    """L^T K_X L with L L^T = K_D = D D^T, N x N: its eigenvalues are those of K_X K_D, G^T G's nonzero ones.
+
+    K_D is singular wherever d_out < N or two tokens share their gradient, so it is factored with a jitter of
+    JITTER times its mean diagonal, which moves each eigenvalue by at most that times lambda_max(K_X); where even
+    that fails, the QR of D^T (K_D = R^T R) gives R K_X R^T, exact but dearer."""
+    k_d = d @ d.t()
+    k_d.diagonal().add_(JITTER * float(k_d.diagonal().mean()) + torch.finfo(k_d.dtype).tiny)
+    factor, info = torch.linalg.cholesky_ex(k_d)
+    if int(info) == 0:
+        return factor.t() @ k_x @ factor
+    r = torch.linalg.qr(d.t(), mode="r")[1]  # (min(d_out, N), N)
+    return r @ k_x @ r.t()
 
 
 def top_eigenvalues(c: torch.Tensor, k: int, power: int = POWER) -> torch.Tensor:
     """The k largest eigenvalues of the symmetric PSD matrix c, descending, float64 (zeros past its size)."""
     m = c.shape[0]
     width = max(k, MIN_RANGE) + OVERSAMPLE
-    if 2 * width >= m:
-        values = torch.linalg.eigvalsh(c.double())
+    if m <= EXACT_UP_TO * width:  # a full float32 eigendecomposition costs no more here (measured)
+        values = torch.linalg.eigvalsh(c).double()
     else:
         generator = torch.Generator(device=c.device).manual_seed(SEED)
         basis = torch.randn(m, width, generator=generator, device=c.device, dtype=c.dtype)
