@@ -52,11 +52,12 @@ def test_the_randomized_path_ran():
 
 
 def test_token_side_from_grams_and_a_formed_gradient():
-    """Only x's Grams at hand (the token side from them), or G already formed by the exact energies."""
+    """Only x's Grams at hand (the token side from them), d's Grams or G already formed by the exact energies."""
     d, x, layout = site(420, 512, 1536, 0.1, seed=1)
     want = scores.gradient_spectrum(d, x, None, layout, 16)
     grams = scores.token_grams(x, layout, full=True)
     assert_top_matches(spectrum.top_spectrum(d, None, grams, 16), want)
+    assert_top_matches(spectrum.top_spectrum(d, x, grams, 16, scores.token_grams(d, layout, full=True)), want)
     d, x, layout = site(1024, 256, 384, 0.1, seed=1)
     want = scores.gradient_spectrum(d, x, None, layout, 16)
     assert_top_matches(spectrum.top_spectrum(d, x, None, 16, d.t() @ x), want)

@@ -64,7 +64,7 @@ class Accumulator:
             if record.rows is None and record.source is not None:
                 record.rows = layout.take(record.source)
             rows = layout.take(d)
-            formed = [] if self.spectrum_sum is not None else None  # G, where the energies form it
+            formed = [] if self.spectrum_sum is not None else None  # G or d's Grams, where the energies form them
             total, per, record.grams = scores.exact_energies(rows, record.rows, layout, record.grams, len(record.sites),
                                                              formed)
             if self.spectrum_sum is not None:

@@ -150,8 +150,11 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
     if full or layout.examples > 1:  # one example's own energy is the total: it needs no Gram blocks
         if x_grams is None or (full and not x_grams.full):
             x_grams = token_grams(x, layout, full)
-        total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
-    if total is None:  # the weight route: G formed once, transiently (appended to `formed` for the spectrum)
+        d_grams = token_grams(d, layout, full)
+        total, per = gram_energies(d_grams, x_grams, layout)
+        if formed is not None and full:  # the spectrum reads d's full Grams or G, whichever was formed
+            formed.append(d_grams)
+    if total is None:  # the weight route: G formed once, transiently
         g = d.t() @ x
         total = torch.linalg.vector_norm(g).square()
         if formed is not None:

@@ -28,35 +28,36 @@ SEED = 0  # the range finder's start is fixed, so a profile is repeatable
 
 
 def smallest_gram(d: torch.Tensor, x: torch.Tensor | None, x_grams: Grams | None,
-                  g: torch.Tensor | None = None) -> torch.Tensor:
+                  formed: torch.Tensor | Grams | None = None) -> torch.Tensor:
     """The smallest symmetric positive semi-definite matrix with G's nonzero sigma_i^2 as its eigenvalues, float32.
 
     d (N, d_out) and x (N, d_in) are the site's kept rows; `x_grams` x's token Grams where the exact energies formed
-    them (with x None the only form of x at hand); `g` is G where the exact energies formed it."""
+    them (with x None the only form of x at hand); `formed` is G or d's full token Grams, whichever the exact
+    energies formed, so that neither is formed twice."""
     n, d_out = d.shape
-    d = d.float()
+    g = formed if isinstance(formed, torch.Tensor) else None
     if g is not None and min(g.shape) <= n:
         g = g.float()
     elif x is None or n < min(x.shape[1], d_out):
-        full = x_grams is not None and x_grams.full
-        return token_side(d, full_gram(x_grams, n).float() if full else x.float() @ x.float().t())
+        k_x = full_gram(x_grams, n) if x_grams is not None and x_grams.full else x.float() @ x.float().t()
+        k_d = full_gram(formed, n) if isinstance(formed, Grams) else d.float() @ d.float().t()
+        return token_side(d, k_x.float(), k_d.float())
     else:
-        g = d.t() @ x.float()
+        g = d.float().t() @ x.float()
     return g @ g.t() if d_out <= g.shape[1] else g.t() @ g
 
 
-def token_side(d: torch.Tensor, k_x: torch.Tensor) -> torch.Tensor:
+def token_side(d: torch.Tensor, k_x: torch.Tensor, k_d: torch.Tensor) -> torch.Tensor:
     """L^T K_X L with L L^T = K_D = D D^T, N x N: its eigenvalues are those of K_X K_D, G^T G's nonzero ones.
 
     K_D is singular wherever d_out < N or two tokens share their gradient, so it is factored with a jitter of
     JITTER times its mean diagonal, which moves each eigenvalue by at most that times lambda_max(K_X); where even
     that fails, the QR of D^T (K_D = R^T R) gives R K_X R^T, exact but dearer."""
-    k_d = d @ d.t()
     k_d.diagonal().add_(JITTER * float(k_d.diagonal().mean()) + torch.finfo(k_d.dtype).tiny)
     factor, info = torch.linalg.cholesky_ex(k_d)
     if int(info) == 0:
         return factor.t() @ k_x @ factor
-    r = torch.linalg.qr(d.t(), mode="r")[1]  # (min(d_out, N), N)
+    r = torch.linalg.qr(d.float().t(), mode="r")[1]  # (min(d_out, N), N)
     return r @ k_x @ r.t()
 
 
@@ -79,6 +80,6 @@ def top_eigenvalues(c: torch.Tensor, k: int, power: int = POWER) -> torch.Tensor
 
 
 def top_spectrum(d: torch.Tensor, x: torch.Tensor | None, x_grams: Grams | None, k: int,
-                 g: torch.Tensor | None = None) -> torch.Tensor:
+                 formed: torch.Tensor | Grams | None = None) -> torch.Tensor:
     """The k largest sigma_i(G)^2 of G = d^T x, descending: what `scores.gradient_spectrum` gives, to 1e-3."""
-    return top_eigenvalues(smallest_gram(d, x, x_grams, g), k)
+    return top_eigenvalues(smallest_gram(d, x, x_grams, formed), k)
