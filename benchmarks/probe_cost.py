@@ -21,7 +21,8 @@ the exact probe with the other identity families (IA3, series and parallel bottl
 
 Two workloads on the embedded model, side by side: `short` (builtin:arithmetic, 4 batches of 8 prompts of about 44
 tokens) and `long` (the `output` texts of math_data.json as plain text, packed into rows of exactly 512 tokens, 4
-batches of 4, every token a target); `--tiny-only` runs a tiny random llama instead, in seconds; `--arms` times a subset. Wall times are medians of interleaved rounds (floor, exact, fast, naive, floor, ...) after one warm-up
+batches of 4, every token a target); `--tiny-only` runs a tiny random llama instead, in seconds; `--skip` leaves
+timed arms out. Wall times are medians of interleaved rounds (floor, exact, fast, naive, floor, ...) after one warm-up
 round. Peak memory is measured per arm in a fresh child process running this script with `--arm`: on CPU the peak
 resident set (VmHWM after resetting it through /proc/self/clear_refs, or a 5 ms VmRSS sampler where that reset
 does not work) minus the resident set once the model and batches are loaded and the arm has run once on two
@@ -168,7 +169,8 @@ def arm_families(work: Workload, draws: int):
         return probe(work.model, work.sites, work.batches, ProbeSettings()).scores
 
 
-RUNNERS = {"families": arm_families, "floor": arm_floor, "floor_chunked": arm_floor_chunked, "exact": arm_exact, "fast": arm_fast, "naive": arm_naive,
+RUNNERS = {"families": arm_families, "floor": arm_floor, "floor_chunked": arm_floor_chunked, "exact": arm_exact,
+           "fast": arm_fast, "naive": arm_naive,
            "exact_ckpt": arm_exact_ckpt, "spectrum": arm_spectrum}
 
 

@@ -7,10 +7,10 @@ Grams, sum_j c_j (N - s_j) float32 elements (about N^2 / 2 for long examples, B 
 blocks for short ones), exact too, and read by every reader at no further cost. A backward through frozen weights
 saves neither, so the kept form is the probe's own memory: at 512 tokens x 8 on the embedded model x is 9 MiB per
 576-wide input (four inputs a layer, one 1536 wide: 1.6 GB over 30 layers), its Grams 36 MiB, so x is kept; at 8
-prompts of about 44 tokens the Grams are a sixth to a half of x. A half-precision copy of a float32 x would halve its bytes,
-but the energies would then be those of x rounded to 8 bits of mantissa (a relative error of about 2^-9 per
-element), which the exact mode does not promise; recomputing x in the backward is what `--checkpointing` does for
-every block at once (its figures are in the README).
+prompts of about 44 tokens the Grams are a sixth to a half of x. A half-precision copy of a float32 x would halve
+its bytes, but the energies would then be those of x rounded to 8 bits of mantissa (a relative error of about 2^-9
+per element), which the exact mode does not promise; recomputing x in the backward is what `--checkpointing` does
+for every block at once (its figures are in the README).
 """
 from __future__ import annotations
 
