@@ -44,7 +44,8 @@ GPU_BYTES = 80 * GB * 0.9
 
 
 def workloads(args) -> list[tuple[str, int, int]]:
-    out = [(args.model, length, batch_size) for length in args.lengths for batch_size in args.batch_sizes]
+    out = [] if args.gemma_only else [(args.model, length, batch_size) for length in args.lengths
+                                      for batch_size in args.batch_sizes]
     if args.gemma:
         out.append(("gemma3-270m", args.gemma[0], args.gemma[1]))
     return out
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--gemma", type=int, nargs=2, metavar=("LENGTH", "BATCH"),
                    help="also Gemma 3 270M's long workload at LENGTH tokens x BATCH rows")
+    p.add_argument("--gemma-only", action="store_true", help="only Gemma 3 270M's workload (with --gemma)")
     p.add_argument("--long-data", default=str(probe_cost.MATH), help="LLM-Adapters JSON whose outputs are packed")
     args = p.parse_args(argv)
     args.threads = args.threads or 2
