@@ -29,10 +29,10 @@ ran_randomized = []
 @pytest.mark.parametrize("n, d_in, d_out", [(1024, 448, 512), (1024, 512, 448), (300, 512, 384), (2048, 576, 576),
                                             (420, 576, 1536)],
                          ids=["G^T G", "G G^T", "token side, full", "576 wide", "token side"])
-@pytest.mark.parametrize("decay", [0.1, 0.3])
 @pytest.mark.parametrize("k", [8, 64])
-def test_randomized_top_matches_the_eigendecomposition(n, d_in, d_out, decay, k):
-    d, x, layout = site(n, d_in, d_out, decay)
+def test_randomized_top_matches_the_eigendecomposition(n, d_in, d_out, k):
+    """The flattest spectrum of the family (decay 0.1), the hardest for a range finder."""
+    d, x, layout = site(n, d_in, d_out, 0.1)
     want = scores.gradient_spectrum(d, x, None, layout, k)
     got = spectrum.top_spectrum(d, x, None, k)
     assert got.shape == (k,) and got.dtype == torch.float64
