@@ -58,11 +58,13 @@ def measure(args) -> dict:
         child = probe_cost.parse(["--long-length", str(length), "--long-batch-size", str(batch_size),
                                   "--long-batches", "1", "--threads", str(args.threads), "--model", model,
                                   "--long-data", args.long_data])
-        for arm in ARMS:
+        for arm in args.arms:
             res = probe_cost.child_peak("long", arm, child, LIVE)
             peaks.setdefault((model, length, batch_size), {})[arm] = res["peak_bytes"]
             print(f"  {model} {length:>4} tokens x {batch_size}: {arm:<13} {res['peak_bytes'] / MB:9.1f} MiB",
                   flush=True)
+        for arm in ARMS:  # an arm left out shows as nan
+            peaks[(model, length, batch_size)].setdefault(arm, float("nan"))
     return peaks
 
 
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--gemma", type=int, nargs=2, metavar=("LENGTH", "BATCH"),
                    help="also Gemma 3 270M's long workload at LENGTH tokens x BATCH rows")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to measure (default all)")
     p.add_argument("--gemma-only", action="store_true", help="only Gemma 3 270M's workload (with --gemma)")
     p.add_argument("--long-data", default=str(probe_cost.MATH), help="LLM-Adapters JSON whose outputs are packed")
     args = p.parse_args(argv)
