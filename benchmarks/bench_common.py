@@ -47,6 +47,24 @@ def make_log(quiet: bool):
     return log
 
 
+# -- the loss as users compute it -----------------------------------------------------------------------------------
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens with every labelled position's logits formed at once: the token
+    loss before the LM head was applied a block at a time, and what a plain backward holds (the logits, their
+    softmax and its gradient, each tokens x vocabulary). The floor that memory targets are stated against."""
+    import torch.nn.functional as F
+
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum()
+
+
 # -- timing --------------------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     """Wait for the device's queued kernels; without it a CUDA timing measures only the launch of the work."""

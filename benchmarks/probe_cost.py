@@ -1,22 +1,28 @@
 """What the PAGE probe costs, next to the work it cannot avoid and the work a user would otherwise write.
 
-Four arms, each over the same list of calibration batches:
+Five arms, each over the same list of calibration batches:
 
-  floor  a plain forward + backward through `token_loss` with every base weight frozen and the input embeddings
-         requiring grad: the gradient has to reach every site, so no probe can be cheaper than this.
+  floor  a plain forward + backward with every base weight frozen and the input embeddings requiring grad, its loss
+         over every labelled position's logits at once (`bench_common.full_logits_loss`, the token loss as users
+         compute it): the gradient has to reach every site, and this is the backward users run. Memory targets are
+         stated against it.
+  floor_chunked  the same backward through `token_loss`, which applies the LM head a block of target tokens at a
+         time: the floor of anything that uses the shared loss, so the probe's peak over it is what the probe adds.
   exact  `probe(model, sites, batches, ProbeSettings())`.
   fast   `probe(..., ProbeSettings(mode="fast", draws=8))`.
   naive  what a user would write: `requires_grad` on every site's weight, one backward of `token_loss` per batch,
          ||weight.grad||^2 read at every site, grads dropped.
 
-A fifth timed arm, `spectrum`, is the exact probe that also keeps each site's gradient spectrum (`--spectrum-k 64`,
-what page_opt and rank allocation need); its cost is reported as (exact+spectrum)/exact. A sixth, `families`, is
+A further timed arm, `spectrum`, is the exact probe that also keeps each site's gradient spectrum (`--spectrum-k 64`,
+what page_opt and rank allocation need, from the randomized range finder); its cost is reported as
+(exact+spectrum)/exact, target at most 1.3. Another, `families`, is
 the exact probe with the other identity families (IA3, series and parallel bottleneck) scored in the same passes:
 (exact+families)/exact, target at most 1.15.
 
 Two workloads on the embedded model, side by side: `short` (builtin:arithmetic, 4 batches of 8 prompts of about 44
 tokens) and `long` (the `output` texts of math_data.json as plain text, packed into rows of exactly 512 tokens, 4
-batches of 4, every token a target); `--tiny-only` runs a tiny random llama instead, in seconds. Wall times are medians of interleaved rounds (floor, exact, fast, naive, floor, ...) after one warm-up
+batches of 4, every token a target); `--tiny-only` runs a tiny random llama instead, in seconds; `--skip` leaves
+timed arms out. Wall times are medians of interleaved rounds (floor, exact, fast, naive, floor, ...) after one warm-up
 round. Peak memory is measured per arm in a fresh child process running this script with `--arm`: on CPU the peak
 resident set (VmHWM after resetting it through /proc/self/clear_refs, or a 5 ms VmRSS sampler where that reset
 does not work) minus the resident set once the model and batches are loaded and the arm has run once on two
@@ -59,8 +65,8 @@ import torch  # noqa: E402
 from placement.probe import ProbeSettings, probe, token_loss  # noqa: E402
 from placement.model.sites import candidate_weight_bytes, find_sites, modules_by_name  # noqa: E402
 
-ARMS = ("floor", "exact", "fast", "naive", "spectrum", "families")
-MEMORY_ARMS = ("floor", "exact", "fast", "naive", "exact_ckpt")
+ARMS = ("floor", "floor_chunked", "exact", "fast", "naive", "spectrum", "families")
+MEMORY_ARMS = ("floor", "floor_chunked", "exact", "fast", "naive", "exact_ckpt")
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc default": {}}
 TARGETS = ("tiny", "short", "long")
 MATH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "llm-adapters" / "math_data.json"
@@ -73,13 +79,17 @@ RATIOS = (("fast/floor", "fast", "floor"), ("exact/floor", "exact", "floor"), ("
           ("fast/naive", "fast", "naive"), ("naive/floor", "naive", "floor"),
           ("(exact+spectrum)/exact", "spectrum", "exact"), ("(exact+families)/exact", "families", "exact"))
 HEADLINE = (("fast/floor", "fast", "floor"), ("exact/naive", "exact", "naive"))
-MEMORY_RATIOS = (("exact", "floor"), ("exact_ckpt", "floor"), ("fast", "floor"), ("exact", "naive"))
+MEMORY_RATIOS = (("exact", "floor"), ("exact_ckpt", "floor"), ("fast", "floor"), ("exact", "naive"),
+                 ("floor_chunked", "floor"), ("exact", "floor_chunked"), ("exact_ckpt", "floor_chunked"),
+                 ("fast", "floor_chunked"))
 
 # Targets, checked on every workload: the floor is a plain backward, which already holds the activation gradients.
 FAST_OVER_FLOOR = 1.10
 EXACT_OVER_NAIVE = 1.00
-EXACT_PEAK_OVER_FLOOR = 1.10
-CKPT_PEAK_OVER_FLOOR = 0.50
+EXACT_PEAK_OVER_FLOOR = 0.90
+CKPT_PEAK_OVER_FLOOR = 0.45
+FAST_PEAK_OVER_FLOOR = 0.90
+SPECTRUM_OVER_EXACT = 1.30
 MIN_SPEARMAN = 0.95
 
 
@@ -95,16 +105,23 @@ class Workload:
     describe: str
 
 
-def arm_floor(work: Workload, draws: int):
+def _backward_only(work: Workload, loss) -> None:
     """Forward + backward with a frozen base and input embeddings requiring grad; nothing is read."""
     model = work.model
     model.enable_input_require_grads()
     try:
         for batch in work.batches:
-            token_loss(model, batch.to(work.device)).backward()
+            loss(model, batch.to(work.device)).backward()
     finally:
         model.disable_input_require_grads()
-    return None
+
+
+def arm_floor(work: Workload, draws: int):
+    _backward_only(work, bench.full_logits_loss)
+
+
+def arm_floor_chunked(work: Workload, draws: int):
+    _backward_only(work, token_loss)
 
 
 def arm_exact(work: Workload, draws: int):
@@ -153,7 +170,8 @@ def arm_families(work: Workload, draws: int):
         return probe(work.model, work.sites, work.batches, ProbeSettings()).scores
 
 
-RUNNERS = {"families": arm_families, "floor": arm_floor, "exact": arm_exact, "fast": arm_fast, "naive": arm_naive,
+RUNNERS = {"families": arm_families, "floor": arm_floor, "floor_chunked": arm_floor_chunked, "exact": arm_exact,
+           "fast": arm_fast, "naive": arm_naive,
            "exact_ckpt": arm_exact_ckpt, "spectrum": arm_spectrum}
 
 
@@ -269,8 +287,12 @@ class Outcome(bench.RoundTimes):
     peak_default: dict = field(default_factory=dict)  # arm -> bytes, glibc's default allocator (CPU only)
     peak_method: str = ""
 
+    def median(self, arm: str) -> float:
+        """nan for an arm left out with --skip."""
+        return bench.RoundTimes.median(self, arm) if self.seconds.get(arm) else float("nan")
+
     def mem_ratio(self, a: str, b: str) -> float:
-        return self.peak[a] / self.peak[b] if self.peak.get(b) else float("nan")
+        return self.peak[a] / self.peak[b] if self.peak.get(b) and a in self.peak else float("nan")
 
     def spearman(self) -> float:
         from scipy.stats import spearmanr
@@ -288,9 +310,9 @@ class Outcome(bench.RoundTimes):
         return float(((naive - exact).abs() / exact.abs().clamp(min=1e-30)).max())
 
 
-def time_rounds(work: Workload, rounds: int, draws: int, log) -> Outcome:
+def time_rounds(work: Workload, rounds: int, draws: int, log, skip=()) -> Outcome:
     out = Outcome(work)
-    for round_index, arm in bench.interleaved(ARMS, rounds, warm_up=True):
+    for round_index, arm in bench.interleaved([a for a in ARMS if a not in skip], rounds, warm_up=True):
         result, seconds = bench.timed(work.device, lambda: RUNNERS[arm](work, draws))
         if round_index:  # round 0 is the warm-up
             out.seconds[arm].append(seconds)
@@ -303,17 +325,17 @@ def time_rounds(work: Workload, rounds: int, draws: int, log) -> Outcome:
 def report(out: Outcome) -> list[str]:
     floor, naive = out.median("floor"), out.median("naive")
     lines = [f"== {out.work.label}", f"   {out.work.describe}"]
-    lines.append(f"   {'arm':<6}{'median s':>10}{'min s':>10}{'max s':>10}{'x floor':>9}{'x naive':>9}{'peak MiB':>10}"
+    lines.append(f"   {'arm':<13}{'median s':>10}{'min s':>10}{'max s':>10}{'x floor':>9}{'x naive':>9}{'peak MiB':>10}"
                  f"{'glibc default':>14}")
-    for arm in ARMS:
+    for arm in (a for a in ARMS if out.seconds[a]):
         times = out.seconds[arm]
         peak = f"{out.peak[arm] / MB:10.1f}" if arm in out.peak else f"{'-':>10}"
         default = f"{out.peak_default[arm] / MB:14.1f}" if arm in out.peak_default else f"{'-':>14}"
-        lines.append(f"   {arm:<6}{out.median(arm):10.3f}{min(times):10.3f}{max(times):10.3f}"
+        lines.append(f"   {arm:<13}{out.median(arm):10.3f}{min(times):10.3f}{max(times):10.3f}"
                      f"{out.median(arm) / floor:9.2f}{out.median(arm) / naive:9.2f}{peak}{default}")
     for arm in (a for a in MEMORY_ARMS if a not in ARMS and a in out.peak):
         default = f"{out.peak_default[arm] / MB:14.1f}" if arm in out.peak_default else f"{'-':>14}"
-        lines.append(f"   {arm:<10}{'(memory only)':>46}{out.peak[arm] / MB:10.1f}{default}")
+        lines.append(f"   {arm:<13}{'(memory only)':>49}{out.peak[arm] / MB:10.1f}{default}")
     lines.append("   ratios: " + bench.figures(out.ratios(RATIOS)))
     if out.peak:
         saved = out.peak["naive"] - out.peak["exact"]
@@ -342,12 +364,14 @@ def side_by_side(outcomes: dict[str, Outcome]) -> list[str]:
             ("peak exact/floor", lambda o: f"{o.mem_ratio('exact', 'floor'):.2f}" if o.peak else "-"),
             ("(exact+spec)/exact", lambda o: f"{o.ratio('spectrum', 'exact'):.2f}"),
             ("peak exact_ckpt MiB", lambda o: f"{o.peak['exact_ckpt'] / MB:.1f}" if o.peak else "-"),
+            ("peak floor_chunked MiB", lambda o: f"{o.peak['floor_chunked'] / MB:.1f}" if o.peak else "-"),
+            ("floor_chunked/floor s", lambda o: f"{o.ratio('floor_chunked', 'floor'):.2f}"),
             ("candidate MiB", lambda o: f"{o.work.weight_bytes / MB:.1f}"),
             ("fast spearman", lambda o: f"{o.spearman():.3f}")]
     width = max(14, *(len(n) + 2 for n in names))
-    lines = ["== side by side", f"   {'':<18}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = ["== side by side", f"   {'':<24}" + "".join(f"{n:>{width}}" for n in names)]
     for title, cell in rows:
-        lines.append(f"   {title:<18}" + "".join(f"{cell(outcomes[n]):>{width}}" for n in names))
+        lines.append(f"   {title:<24}" + "".join(f"{cell(outcomes[n]):>{width}}" for n in names))
     return lines
 
 
@@ -359,10 +383,13 @@ def checks(out: Outcome) -> tuple[list[str], bool]:
          f"{out.ratio('fast', 'floor'):.2f} x"),
         (f"exact <= {EXACT_OVER_NAIVE:.2f} x naive", out.ratio("exact", "naive") <= EXACT_OVER_NAIVE,
          f"{out.ratio('exact', 'naive'):.2f} x"),
-        ("exact+families <= 1.15 x exact", out.ratio("families", "exact") <= 1.15,
+        ("exact+families <= 1.15 x exact", _within(out.ratio("families", "exact"), 1.15),
          f"{out.ratio('families', 'exact'):.2f} x"),
+        (f"exact+spectrum <= {SPECTRUM_OVER_EXACT:.2f} x exact",
+         _within(out.ratio("spectrum", "exact"), SPECTRUM_OVER_EXACT), f"{out.ratio('spectrum', 'exact'):.2f} x"),
     ]
-    for arm, bound in (("exact", EXACT_PEAK_OVER_FLOOR), ("exact_ckpt", CKPT_PEAK_OVER_FLOOR)):
+    for arm, bound in (("exact", EXACT_PEAK_OVER_FLOOR), ("exact_ckpt", CKPT_PEAK_OVER_FLOOR),
+                       ("fast", FAST_PEAK_OVER_FLOOR)):
         ratio = out.mem_ratio(arm, "floor") if out.peak else float("nan")
         items.append((f"{arm} peak <= {bound:.2f} x floor peak", None if ratio != ratio else ratio <= bound,
                       f"{ratio:.2f} x"))
@@ -374,6 +401,11 @@ def checks(out: Outcome) -> tuple[list[str], bool]:
         lines.append(f"target {title}: {value} -> {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}")
         all_ok = all_ok and ok is not False
     return lines + why(out), all_ok
+
+
+def _within(ratio: float, bound: float) -> bool | None:
+    """None (SKIP) for an arm that was not run."""
+    return None if ratio != ratio else ratio <= bound
 
 
 def why(out: Outcome) -> list[str]:
@@ -460,6 +492,8 @@ def parse(argv=None):
     p.add_argument("--long-batches", type=int, default=4, help="long batches (default %(default)s)")
     p.add_argument("--long-batch-size", type=int, default=4, help="rows per long batch (default %(default)s)")
     p.add_argument("--tiny-only", action="store_true", help="only the tiny model")
+    p.add_argument("--skip", nargs="+", default=[], choices=("floor_chunked", "spectrum", "families"),
+                   help="timed arms to leave out, to keep a run short")
     p.add_argument("--short-only", action="store_true", help="only the short workload")
     p.add_argument("--both-allocators", action="store_true",
                    help="also measure memory under glibc's default allocator settings")
@@ -495,7 +529,7 @@ def main(argv=None) -> int:
     for target in targets:
         work = build(target, args)
         log(f"timing {work.label}: {args.rounds} rounds after a warm-up")
-        out = time_rounds(work, args.rounds, args.draws, log)
+        out = time_rounds(work, args.rounds, args.draws, log, args.skip)
         if args.lookahead_steps:
             print(lookahead_cost(work, args.lookahead_steps, args.rounds, log), flush=True)
         work.model = None  # free it before the memory children load their own copy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import scores
+from . import scores, spectrum
 from .draws import SiteState
 from .inputs import Input
 from .settings import ProbeSettings
@@ -69,10 +69,12 @@ class Accumulator:
             if record.rows is None and record.source is not None:
                 record.rows = layout.take(record.source)
             rows = layout.take(d)
-            total, per, record.grams = scores.exact_energies(rows, record.rows, layout, record.grams, len(record.sites))
+            formed = [] if self.spectrum_sum is not None else None  # G or d's Grams, where the energies form them
+            total, per, record.grams = scores.exact_energies(rows, record.rows, layout, record.grams, len(record.sites),
+                                                             formed)
             if self.spectrum_sum is not None:
-                self.spectrum_sum[i] += scores.gradient_spectrum(rows, record.rows, record.grams, layout,
-                                                                 self.spectrum_sum.shape[1])
+                self.spectrum_sum[i] += spectrum.top_spectrum(rows, record.rows, record.grams,
+                                                              self.spectrum_sum.shape[1], *formed)
             buffers["exact"][i, 0] = total
             buffers["exact"][i, 1] = w2 @ per
         else:

@@ -1,5 +1,17 @@
 """Input sharing: sites that read one tensor (q, k and v; gate and up) project it once, and exact mode keeps only
-what their gradients will need of it (x itself, or its token Grams where those are smaller)."""
+what their gradients will need of it (x itself, or its token Grams where those are smaller).
+
+What each form costs, per input read by sites of widths d_out (N tokens, chunks of whole examples c_j, s_j their
+starts): x itself, N d_in elements in the model's dtype (4 bytes in float32, 2 in bfloat16), exact; its full token
+Grams, sum_j c_j (N - s_j) float32 elements (about N^2 / 2 for long examples, B c^2 / 2 plus the cross-example
+blocks for short ones), exact too, and read by every reader at no further cost. A backward through frozen weights
+saves neither, so the kept form is the probe's own memory: at 512 tokens x 8 on the embedded model x is 9 MiB per
+576-wide input (four inputs a layer, one 1536 wide: 1.6 GB over 30 layers), its Grams 36 MiB, so x is kept; at 8
+prompts of about 44 tokens the Grams are a sixth to a half of x. A half-precision copy of a float32 x would halve
+its bytes, but the energies would then be those of x rounded to 8 bits of mantissa (a relative error of about 2^-9
+per element), which the exact mode does not promise; recomputing x in the backward is what `--checkpointing` does
+for every block at once (its figures are in the README).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,13 +62,13 @@ class Input:
         for key, panel in self.panels.items():
             cuts[key] = slice(start, start + panel.shape[0])
             start += panel.shape[0]
-        return PanelGroup(torch.cat(list(self.panels.values())), cuts)
+        return PanelGroup(list(self.panels.values()), cuts)
 
     def settle(self, layout: scores.Layout | None) -> None:
         """No later site reads this input: keep only what the readers' gradients will need (nothing in fast
         mode, `layout` None; in exact mode x or its Grams)."""
         self.projections = {}
-        if layout is not None and self.source is not None and \
+        if layout is not None and self.source is not None and grams_are_smaller(layout, self.source) and \
                 scores.keep_grams(layout, self.source.shape[-1], [s.d_out for s in self.sites]):
             self.grams = scores.token_grams(layout.take(self.source), layout, full=True)
         if layout is None or self.grams is not None:
@@ -68,12 +80,27 @@ class Input:
             self.source = self.rows = self.grams = None
 
 
+def grams_are_smaller(layout: scores.Layout, x: torch.Tensor) -> bool:
+    """Whether x's full token Grams (float32) take fewer bytes than x as it is kept (its own dtype, padding too):
+    in bfloat16 x takes half the bytes per element that the Grams do."""
+    grams = 4 * sum((e - s) * (layout.tokens - s) for s, e in layout.chunks)
+    return grams < x.numel() * x.element_size()
+
+
 @dataclass
 class PanelGroup:
-    """The panels of A that the sites reading one input use, stacked: a batch's readers are the same every batch."""
+    """The panels of A that the sites reading one input use: a batch's readers are the same every batch.
 
-    matrix: torch.Tensor
+    They are stacked for each batch's one GEMM and the stack dropped after it, not kept: kept, the stacks doubled
+    the draws of A, 24 MiB for the fast probe's 8 draws on the embedded model (measured: its peak at 128 tokens x 2
+    fell from 335 to 311 MiB), whatever the batch."""
+
+    panels: list
     cuts: dict
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(self.panels)
 
 
 class InputTracker:

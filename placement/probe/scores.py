@@ -130,7 +130,7 @@ def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | 
 
 
 def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_grams: Grams | None = None,
-                   readers: int = 1) -> tuple[torch.Tensor, torch.Tensor, Grams | None]:
+                   readers: int = 1, formed: list | None = None) -> tuple[torch.Tensor, torch.Tensor, Grams | None]:
     """(||G||^2, ||G_i||^2 per example, the x Gram blocks used, if any) for kept rows d (N, d_out) and x (N, d_in).
 
     ||G||^2 takes whichever route costs fewer multiply-adds: the full token Grams, or G formed once (transiently)
@@ -150,9 +150,15 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
     if full or layout.examples > 1:  # one example's own energy is the total: it needs no Gram blocks
         if x_grams is None or (full and not x_grams.full):
             x_grams = token_grams(x, layout, full)
-        total, per = gram_energies(token_grams(d, layout, full), x_grams, layout)
+        d_grams = token_grams(d, layout, full)
+        total, per = gram_energies(d_grams, x_grams, layout)
+        if formed is not None and full:  # the spectrum reads d's full Grams or G, whichever was formed
+            formed.append(d_grams)
     if total is None:  # the weight route: G formed once, transiently
-        total = torch.linalg.vector_norm(d.t() @ x).square()
+        g = d.t() @ x
+        total = torch.linalg.vector_norm(g).square()
+        if formed is not None:
+            formed.append(g)
         if layout.examples == 1:
             per = total.reshape(1)
     return total, per, x_grams
