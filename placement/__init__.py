@@ -6,6 +6,35 @@ The flow is profile -> plan -> train -> report, one subpackage per stage: `model
 """
 __version__ = "0.1.0"
 
+# The public API, as PEFT names its own: everything else is reached by its real path (placement.study.compare, ...).
+# Each name is imported when first used, so `import placement` stays cheap (no torch, no transformers).
+__all__ = ["apply", "load", "profile", "recommend", "Plan", "PlacementCallback", "register_score", "register_family",
+           "__version__"]
+_LAZY = {"Plan": ("placement.plan.plan", "Plan"), "PlacementCallback": ("placement.study.callback", "PlacementCallback")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'placement' has no attribute {name!r}")
+
+
+def load(model="smollm2-135m", **kwargs):
+    """(model, tokenizer, source) for a hub id, a local folder, a .gguf file or the embedded alias; see
+    `placement.model.load.load`."""
+    from .model.load import load as _load
+    return _load(model, **kwargs)
+
+
+def profile(model, tokenizer, source, data, **kwargs):
+    """Probe every site on calibration batches of `data` and rank them: a `Profile` whose `.plan` is the placement
+    plan; see `placement.study.profile.run_profile` (and `write_profile` for its files)."""
+    from .study.profile import run_profile
+    return run_profile(model, tokenizer, source, data, **kwargs)
+
 
 def apply(model, plan, **kwargs):
     """The plan's LoRA on `model` (a plan, a plan file or a profile folder); see `placement.train.apply.apply`."""

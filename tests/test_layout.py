@@ -118,6 +118,24 @@ def test_no_alias_modules_at_the_top_of_the_package():
     assert not stubs, stubs
 
 
+def test_the_public_api_is_named_at_the_top_and_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    import placement
+    from placement.plan.plan import Plan
+    from placement.study.callback import PlacementCallback
+
+    assert set(placement.__all__) >= {"apply", "load", "profile", "Plan", "PlacementCallback"}
+    assert all(getattr(placement, name) is not None for name in placement.__all__)
+    assert placement.Plan is Plan and placement.PlacementCallback is PlacementCallback
+    with pytest.raises(AttributeError):
+        placement.scores  # noqa: B018  (no alias modules: subpackages by their real path)
+    out = subprocess.run([sys.executable, "-c", "import placement, sys; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # importing the package loads neither torch nor transformers
+
+
 def test_figures_only_draw():
     # any stage may import the figures, so they must hold no computation a stage needs: every public function
     # writes a figure to a path, and the tables it draws are computed by the stage that owns them
