@@ -76,6 +76,26 @@ def _temporary_name(path: Path, suffix: str | None) -> Path:
     return path.parent / f"{TMP_MARK}{path.name}.{secrets.token_hex(4)}{suffix if suffix is not None else path.suffix}"
 
 
+def _unlink_file(tmp: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _abandoned_on_failure(tmp: Path, path: Path, owner, remove):
+    """If the write inside fails: remove the temporary, tell the ledger, and say what a disk error means for
+    `path` (any other error goes on as it is)."""
+    try:
+        yield
+    except BaseException as err:
+        remove(tmp)
+        if owner is not None:
+            owner.end(tmp)
+        if isinstance(err, OSError) and not isinstance(err, PlacementError):
+            raise disk_error(err, path) from err
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None, *, ledger=None):
     """Yield a temporary path beside `path` (same suffix, so writers pick the right format); rename on success.
@@ -89,19 +109,11 @@ def atomic_path(path: str | Path, suffix: str | None = None, *, ledger=None):
     tmp = _temporary_name(path, suffix)
     if owner is not None:
         owner.begin(tmp)
-    try:
+    with _abandoned_on_failure(tmp, path, owner, _unlink_file):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
         file_mode(tmp)
         os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if owner is not None:
-            owner.end(tmp)
-        if isinstance(err, OSError) and not isinstance(err, PlacementError):
-            raise disk_error(err, path) from err
-        raise
     if owner is not None:
         owner.end(tmp, placed=path)
 
@@ -162,19 +174,12 @@ def new_dir(path: str | Path, *, ledger=None):
     tmp = _temporary_name(path, "")
     if owner is not None:
         owner.begin(tmp)
-    try:
+    with _abandoned_on_failure(tmp, path, owner, remove_temporary_tree):
         tmp.mkdir()
         yield tmp
         for item in [tmp, *tmp.rglob("*")]:
             file_mode(item, directory=item.is_dir())
         os.replace(tmp, path)
-    except BaseException as err:
-        remove_temporary_tree(tmp)
-        if owner is not None:
-            owner.end(tmp)
-        if isinstance(err, OSError) and not isinstance(err, PlacementError):
-            raise disk_error(err, path) from err
-        raise
     if owner is not None:
         owner.end(tmp, placed=[item for item in sorted(path.rglob("*")) if item.is_file()])
 
