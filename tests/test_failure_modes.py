@@ -178,8 +178,8 @@ def _examples(n):
     return data_mod.to_examples(data_mod.arithmetic_records(n, 0))
 
 
-def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
-    tokenizer = tiny_tokenizer()
+def _interrupted_run(make_plan, out):
+    """A dominant-site run on a tiny llama stopped by Ctrl-C after step 3, with a checkpoint at step 2."""
     plan = make_plan(tiny_model("llama"), Strategy("dominant"))
     settings = TrainSettings(steps=4, lr=1e-2, batch_size=4, max_length=48, save_every=2)
 
@@ -188,7 +188,13 @@ def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model("llama"), tokenizer, plan, _examples(12), settings, out=tmp_path, on_step=stop)
+        train(tiny_model("llama"), tiny_tokenizer(), plan, _examples(12), settings, out=out, on_step=stop)
+    return plan, settings
+
+
+def test_resume_refuses_another_plan_or_other_data(make_plan, tmp_path):
+    tokenizer = tiny_tokenizer()
+    plan, settings = _interrupted_run(make_plan, tmp_path)
     other_plan = make_plan(tiny_model("llama"), Strategy("top-k", k=3))
     with pytest.raises(PlacementError, match="another plan"):
         train(tiny_model("llama"), tokenizer, other_plan, _examples(12), settings, out=tmp_path, resume=True)
@@ -633,15 +639,7 @@ def test_a_plan_with_a_field_of_the_wrong_json_type_is_one_line(invoke, assert_o
 @pytest.mark.parametrize("step", ["three", 2.5, -1, 10 ** 6, None, True])
 def test_a_checkpoint_whose_step_is_not_a_step_is_one_line(make_plan, tmp_path, step):
     tokenizer = tiny_tokenizer()
-    plan = make_plan(tiny_model("llama"), Strategy("dominant"))
-    settings = TrainSettings(steps=4, lr=1e-2, batch_size=4, max_length=48, save_every=2)
-
-    def stop(done, loss):
-        if done == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_model("llama"), tokenizer, plan, _examples(12), settings, out=tmp_path, on_step=stop)
+    plan, settings = _interrupted_run(make_plan, tmp_path)
     state = tmp_path / "checkpoints" / "step-0000002" / "state.json"
     state.write_text(json.dumps(json.loads(state.read_text()) | {"step": step}))
     with pytest.raises(PlacementError, match="damaged"):
