@@ -116,5 +116,6 @@ def test_the_sweep_slice_and_steps():
     fit, held = rr.sweep_split(train_set)
     assert held == train_set[-10:] and fit == train_set[:-10]
     assert rr.sweep_split(list(range(20)))[1] == list(range(12, 20))  # at least eight held out
+    assert rr.sweep_split(list(range(4000)))[1] == list(range(3936, 4000))  # at most 64
     assert rr.sweep_steps(60, None) == 20 and rr.sweep_steps(2, None) == 1 and rr.sweep_steps(60, 5) == 5
     assert rr.parse_grid("3e-2, 1e-3,1e-3") == (1e-3, 3e-2)

@@ -21,8 +21,8 @@ from ..train import evaluate as ev
 from ..train.trainer import TrainError, TrainSettings, train
 
 ROLE_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-SWEEP_SHARE = 0.1  # of the training split, held out to score the sweep
-SWEEP_MIN = 8  # examples in the held-out slice at least, so a tiny split still scores on more than one question
+SWEEP_SHARE = 0.1  # of the training split, held out to score the sweep (as the validation split: 10%, 8 to 64)
+SWEEP_MIN, SWEEP_MAX = 8, 64  # a tiny split still scores on several questions; a large one costs no more
 
 
 @dataclass
@@ -71,7 +71,7 @@ def show_grid(rates) -> str:
 def sweep_split(train_set: list, share: float = SWEEP_SHARE) -> tuple[list, list]:
     """(the sweep's training examples, the slice held out to score it): the slice is the training split's tail, so
     it is disjoint from the validation split by construction and fixed by the split's seed."""
-    held = max(SWEEP_MIN, int(round(share * len(train_set))))
+    held = min(SWEEP_MAX, max(SWEEP_MIN, int(round(share * len(train_set)))))
     if held >= len(train_set):
         raise PlacementError(f"the role sweep holds out {held} of {len(train_set)} training examples and leaves "
                              "none to train on: pass more data, or --no-role-sweep")
