@@ -5,8 +5,9 @@ The gain of a site is the validation loss of the untrained model minus the valid
 there alone (same rank, steps, data order and seed for every site; the validation split is held out from training),
 at the learning rate a short sweep chose for the site's role on a slice of the training split (role_rates.py), so
 that no role is judged at a rate that suits another. Beside it, the first step's drop with B alone trained from the
-same init, plain SGD and AdamW, no warm-up or clipping, against its first-order prediction: lr * ||grad_B||^2 for SGD (what PAGE measures) and
-lr * ||grad_B||_1 for AdamW, whose first step moves every parameter by about lr * sign(grad).
+same init, plain SGD and AdamW, no warm-up or clipping, against its first-order prediction: lr * ||grad_B||^2 for
+SGD (what PAGE measures) and lr * ||grad_B||_1 for AdamW, whose first step moves every parameter by about
+lr * sign(grad).
 """
 from __future__ import annotations
 
