@@ -56,7 +56,7 @@ def _run(settings, spy: dict, make_plan):
 
 
 SETTINGS = vd.ValidateSettings(sites=5, train=TrainSettings(steps=3, batch_size=4, max_length=48),
-                               role_lr_grid=GRID, sweep_steps=2, eval_batch_size=8)
+                               role_lr_grid=GRID, role_sweep_steps=2, eval_batch_size=8)
 
 
 @pytest.fixture(scope="module")

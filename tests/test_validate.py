@@ -116,7 +116,7 @@ def test_validate_end_to_end(invoke, model_dir, tmp_path):
     (["--role-lr-grid", "1e-3,-1"], ["--role-lr-grid", "-1"]),
     (["--role-lr-grid", "1e-3,inf"], ["--role-lr-grid", "inf"]),
     (["--role-lr-grid", ","], ["--role-lr-grid is empty"]),
-    (["--sweep-steps", "0"], ["--sweep-steps 0"]),
+    (["--role-sweep-steps", "0"], ["--role-sweep-steps 0"]),
 ])
 def test_validate_bad_input(invoke, assert_one_line_error, model_dir, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

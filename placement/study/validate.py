@@ -68,7 +68,7 @@ class ValidateSettings:
     role_lr_grid: tuple[float, ...] = field(default=rr.ROLE_LRS, metadata={
         "help": "comma-separated rates the role sweep tries on the top site of each role", "parse": rr.parse_grid,
         "show": rr.show_grid})
-    sweep_steps: int | None = field(default=None, metadata={  # None: a third of the training's
+    role_sweep_steps: int | None = field(default=None, metadata={  # None: a third of the training's
         "help": "steps of each role-sweep run (default: a third of --steps)", "range": (1, 10 ** 9)})
     eval_batch_size: int = 16
 
@@ -81,8 +81,8 @@ class ValidateSettings:
         if not (self.step_lr > 0 and math.isfinite(self.step_lr)):
             raise PlacementError(f"--step-lr {self.step_lr} is not a learning rate: pass a positive number")
         self.role_lr_grid = rr.parse_grid(self.role_lr_grid)
-        if self.sweep_steps is not None and self.sweep_steps < 1:
-            raise PlacementError(f"--sweep-steps {self.sweep_steps} trains nothing: pass 1 or more")
+        if self.role_sweep_steps is not None and self.role_sweep_steps < 1:
+            raise PlacementError(f"--role-sweep-steps {self.role_sweep_steps} trains nothing: pass 1 or more")
 
 
 @dataclass
@@ -195,7 +195,7 @@ def site_rates(model, tokenizer, table: pd.DataFrame, chosen: list[str], base: P
     """(the role sweep or None, the rate of every chosen site): its role's best rate, or --lr for all."""
     if not settings.role_sweep:
         return None, {site: settings.train.lr for site in chosen}
-    steps = rr.sweep_steps(settings.train.steps, settings.sweep_steps)
+    steps = rr.sweep_steps(settings.train.steps, settings.role_sweep_steps)
     rates = rr.choose_role_rates(model, tokenizer, base, table, chosen, train_set, settings.role_lr_grid, steps,
                                  settings.train, eval_kwargs, progress)
     roles = table.set_index("site")["role"]
