@@ -244,8 +244,8 @@ def compare(model, data, train, compare, probe, calibration, adapter, run, outpu
 
 @main.command()
 @settings(model=ModelArgs, data=use(DataArgs, "data", "n_validation"),
-          validate=use(ValidateSettings, "sites", "train.steps", "train.lr", "step_lr", *(f"train.{name}" for name
-                                                                                         in BATCHING)),
+          validate=use(ValidateSettings, "sites", "train.steps", "train.lr", "step_lr", "role_sweep", "role_lr_grid",
+                       "role_sweep_steps", *(f"train.{name}" for name in BATCHING)),
           probe=use(ProbeSettings, "r", "alpha", spectrum_k=64),  # validate ranks by page_opt too
           calibration=CalibrationArgs, run=use(RunArgs, *RUN), output=OutputArgs, launch=LaunchArgs)
 @launchable

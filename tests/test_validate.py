@@ -10,7 +10,7 @@ from placement import data as data_mod
 from placement.errors import PlacementError
 from placement.plan import Strategy
 from placement.study import stats
-from placement.study.validate import choose_sites, first_step
+from placement.study.validate import BASELINES, choose_sites, energy_scores, first_step, weight_scores
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -84,19 +84,26 @@ def test_validate_end_to_end(invoke, model_dir, tmp_path):
     assert summary["sites"] == 8 and "ranks sites best" in summary["verdict"]
     rows = pd.read_csv(out / "validation.csv")
     for column in ("site", "layer", "role", "params", "page", "page_sampled", "grad_energy", "fisher", "kappa", "snr",
-                   "sgd_drop", "sgd_predicted", "adamw_drop", "adamw_predicted", "val_loss", "gain", "seconds"):
+                   "act_norm", "sgd_drop", "sgd_predicted", "adamw_drop", "adamw_predicted", "lr", "lr_at_edge",
+                   "val_loss", "gain", "seconds"):
         assert column in rows.columns and rows[column].notna().all(), column
     assert len(rows) == 8
+    swept = pd.read_csv(out / "role_rates.csv")
+    assert set(swept["role"]) == set(rows["role"]) and set(swept["lr"]) == {1e-3, 3e-3, 1e-2, 3e-2}
     scores = pd.read_csv(out / "validation_scores.csv")
-    assert {"page", "params", "depth", "kappa"} <= set(scores["score"])
+    assert {"page", "params", "depth", "kappa", "act_norm"} <= set(scores["score"])
+    for name in energy_scores() + weight_scores() + list(BASELINES):  # every registered score that has values
+        assert name in set(scores["score"]) or name not in rows or rows[name].isna().all(), name
     assert {"spearman", "spearman_lo", "spearman_hi", "kendall", "hit@1", "hit@3", "hit@5", "regret"} <= set(scores)
     assert (out / "validation.png").read_bytes()[:4] == b"\x89PNG"
     assert "Does the score predict" in (out / "report.html").read_text()
     again = invoke("validate", "--model", model_dir, "--data", "builtin:arithmetic", "--scores", out / "profile",
                    "--sites", "3", "--steps", "1", "--batch-size", "4", "--max-length", "48", "--out", tmp_path / "v2",
-                   "--quiet")
+                   "--quiet", "--no-role-sweep", "--lr", "2e-3")
     assert again.exit_code == 0, again.output
-    assert not (tmp_path / "v2" / "profile").exists() and len(pd.read_csv(tmp_path / "v2" / "validation.csv")) == 3
+    single = pd.read_csv(tmp_path / "v2" / "validation.csv")
+    assert not (tmp_path / "v2" / "profile").exists() and len(single) == 3 and set(single["lr"]) == {2e-3}
+    assert not (tmp_path / "v2" / "role_rates.csv").exists()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -105,6 +112,12 @@ def test_validate_end_to_end(invoke, model_dir, tmp_path):
     (["--sites", "many"], ["--sites many"]),
     (["--step-lr", "0"], ["--step-lr"]),
     (["--scores", "."], ["scores.csv"]),
+    (["--role-lr-grid", "1e-3,fast"], ["--role-lr-grid '1e-3,fast'"]),
+    (["--role-lr-grid", "0,1e-3"], ["--role-lr-grid", "0"]),
+    (["--role-lr-grid", "1e-3,-1"], ["--role-lr-grid", "-1"]),
+    (["--role-lr-grid", "1e-3,inf"], ["--role-lr-grid", "inf"]),
+    (["--role-lr-grid", ","], ["--role-lr-grid is empty"]),
+    (["--role-sweep-steps", "0"], ["--role-sweep-steps 0"]),
 ])
 def test_validate_bad_input(invoke, assert_one_line_error, model_dir, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

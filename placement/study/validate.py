@@ -2,10 +2,12 @@
 one rule for all, and correlate every score with the realised gain in validation loss.
 
 The gain of a site is the validation loss of the untrained model minus the validation loss after training a LoRA
-there alone (same rank, steps, data order, seed and learning rate for every site; the validation split is held out
-from training). Beside it, the first step's drop with B alone trained from the same init, plain SGD and AdamW, no
-warm-up or clipping, against its first-order prediction: lr * ||grad_B||^2 for SGD (what PAGE measures) and
-lr * ||grad_B||_1 for AdamW, whose first step moves every parameter by about lr * sign(grad).
+there alone (same rank, steps, data order and seed for every site; the validation split is held out from training),
+at the learning rate a short sweep chose for the site's role on a slice of the training split (role_rates.py), so
+that no role is judged at a rate that suits another. Beside it, the first step's drop with B alone trained from the
+same init, plain SGD and AdamW, no warm-up or clipping, against its first-order prediction: lr * ||grad_B||^2 for
+SGD (what PAGE measures) and lr * ||grad_B||_1 for AdamW, whose first step moves every parameter by about
+lr * sign(grad).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ..probe.registry import SCORES, ScoreContext, compute_scores, ranking_names
 from ..report.figures import validation_plot
 from ..train import evaluate as ev
 from ..train.trainer import TrainSettings, apply_plan, train
+from . import role_rates as rr
 from . import stats
 
 # Scores a site can be ranked by, from the registry: the energies (page first), the scores of the weights alone
@@ -59,6 +62,14 @@ class ValidateSettings:
     train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=60))
     step_lr: float = field(default=1e-4, metadata={
         "help": "learning rate of the first-step drops (SGD and AdamW on B alone)", "range": (0, 10)})
+    role_sweep: bool = field(default=True, metadata={
+        "help": "train every site at the single rate --lr instead of its role's rate from the sweep",
+        "option": "--no-role-sweep", "flag": False})
+    role_lr_grid: tuple[float, ...] = field(default=rr.ROLE_LRS, metadata={
+        "help": "comma-separated rates the role sweep tries on the top site of each role", "parse": rr.parse_grid,
+        "show": rr.show_grid})
+    role_sweep_steps: int | None = field(default=None, metadata={  # None: a third of the training's
+        "help": "steps of each role-sweep run (default: a third of --steps)", "range": (1, 10 ** 9)})
     eval_batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -69,6 +80,9 @@ class ValidateSettings:
             raise PlacementError(f"--sites {self.sites} trains nothing: pass a positive number or 'all'")
         if not (self.step_lr > 0 and math.isfinite(self.step_lr)):
             raise PlacementError(f"--step-lr {self.step_lr} is not a learning rate: pass a positive number")
+        self.role_lr_grid = rr.parse_grid(self.role_lr_grid)
+        if self.role_sweep_steps is not None and self.role_sweep_steps < 1:
+            raise PlacementError(f"--role-sweep-steps {self.role_sweep_steps} trains nothing: pass 1 or more")
 
 
 @dataclass
@@ -76,6 +90,7 @@ class Validation:
     sites: pd.DataFrame  # one row per trained site: scores, first-step drops, final validation loss, gain
     correlations: pd.DataFrame  # one row per score
     base_val_loss: float
+    rates: rr.RoleRates | None = None  # the role sweep; None: every site at one rate
 
     def verdict(self) -> str:
         """One sentence: which score ranks sites best here, with its interval, and what following page costs."""
@@ -175,10 +190,40 @@ def correlate(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def site_rates(model, tokenizer, table: pd.DataFrame, chosen: list[str], base: Plan, train_set: list,
+               settings: ValidateSettings, eval_kwargs: dict, progress: bool = False):
+    """(the role sweep or None, the rate of every chosen site): its role's best rate, or --lr for all."""
+    if not settings.role_sweep:
+        return None, {site: settings.train.lr for site in chosen}
+    steps = rr.sweep_steps(settings.train.steps, settings.role_sweep_steps)
+    rates = rr.choose_role_rates(model, tokenizer, base, table, chosen, train_set, settings.role_lr_grid, steps,
+                                 settings.train, eval_kwargs, progress)
+    roles = table.set_index("site")["role"]
+    return rates, {site: rates.best[roles[site]] for site in chosen}
+
+
+def train_site(model, tokenizer, plan: Plan, row: dict, splits, first_batch, lr: float, settings: ValidateSettings,
+               eval_kwargs: dict, base_val: float) -> dict:
+    """One site: the first-step drops, then training at `lr` and the gain on the validation split."""
+    began = time.perf_counter()
+    train_set, val_set = splits
+    for optimizer in ("sgd", "adamw"):
+        row |= first_step(model, plan, first_batch, val_set, tokenizer, settings.step_lr, optimizer,
+                          settings.train.seed, eval_kwargs)
+    run = train(copy.deepcopy(model), tokenizer, plan, train_set, replace(settings.train, lr=lr, save_every=0))
+    row["lr"] = lr
+    row["val_loss"] = ev.mean_loss(run.model, tokenizer, val_set, **eval_kwargs)
+    row["gain"] = base_val - row["val_loss"]
+    row["seconds"] = time.perf_counter() - began
+    del run
+    gc.collect()
+    return row
+
+
 def run_validate(model, tokenizer, ranked: pd.DataFrame, base: Plan, splits, settings: ValidateSettings,
                  progress: bool = False) -> Validation:
-    """Train one LoRA at each chosen site and relate every score to the gain. `ranked` is the profile's scores.csv
-    (one row per site); `splits` is (train, validation)."""
+    """Train one LoRA at each chosen site, at its role's rate, and relate every score to the gain. `ranked` is the
+    profile's scores.csv (one row per site); `splits` is (train, validation)."""
     settings.check()
     train_set, val_set = splits
     if not val_set:
@@ -186,42 +231,40 @@ def run_validate(model, tokenizer, ranked: pd.DataFrame, base: Plan, splits, set
     table = site_scores(ranked, model)
     chosen = choose_sites(table, settings.sites, settings.train.seed)
     eval_kwargs = dict(batch_size=settings.eval_batch_size, max_length=settings.train.max_length)
+    rates, lrs = site_rates(model, tokenizer, table, chosen, base, train_set, settings, eval_kwargs, progress)
     base_val = ev.mean_loss(model, tokenizer, val_set, **eval_kwargs)
     first_batch = data_mod.training_batches(tokenizer, train_set, steps=1, batch_size=settings.train.batch_size,
                                             max_length=settings.train.max_length, seed=settings.train.seed)[0]
     rows = []
     for site in tqdm(chosen, desc="sites", unit="site", disable=not progress):
-        began = time.perf_counter()
-        plan = _one_site(base, site)
         row = table.loc[table["site"] == site].iloc[0].to_dict()
-        for optimizer in ("sgd", "adamw"):
-            row |= first_step(model, plan, first_batch, val_set, tokenizer, settings.step_lr, optimizer,
-                              settings.train.seed, eval_kwargs)
-        run = train(copy.deepcopy(model), tokenizer, plan, train_set, replace(settings.train, save_every=0))
-        row["val_loss"] = ev.mean_loss(run.model, tokenizer, val_set, **eval_kwargs)
-        row["gain"] = base_val - row["val_loss"]
-        row["seconds"] = time.perf_counter() - began
-        rows.append(row)
-        del run
-        gc.collect()
+        if rates is not None:
+            row["lr_at_edge"] = rates.at_edge[row["role"]]
+        rows.append(train_site(model, tokenizer, _one_site(base, site), row, splits, first_batch, lrs[site],
+                               settings, eval_kwargs, base_val))
     sites = pd.DataFrame(rows)
-    return Validation(sites, correlate(sites, settings.train.seed), base_val)
+    return Validation(sites, correlate(sites, settings.train.seed), base_val, rates)
 
 
 def site_columns() -> list[str]:
     return ["site", "layer", "role", "params", "rank", *energy_scores(), *weight_scores(), "depth", "sgd_drop",
             "sgd_predicted", "sgd_ratio", "sgd_val_after", "adamw_drop", "adamw_predicted", "adamw_ratio",
-            "adamw_val_after", "val_loss", "gain", "seconds"]
+            "adamw_val_after", "lr", "lr_at_edge", "val_loss", "gain", "seconds"]
 
 
 def write_validation(result: Validation, out: str | Path, title: str = "") -> None:
-    """validation.csv (a row per trained site), validation.md (the verdict and the score table), validation.png."""
+    """validation.csv (a row per trained site, with its rate), role_rates.csv (the role sweep, when there is one),
+    validation.md (the verdict, the rate of each role and the score table), validation.png."""
     out = Path(out)
     columns = [c for c in site_columns() if c in result.sites.columns]
     write_csv(out / "validation.csv", result.sites[columns])
     write_csv(out / "validation_scores.csv", result.correlations)
+    rates = "Every site trained at one rate (no role sweep).\n"
+    if result.rates is not None:
+        write_csv(out / "role_rates.csv", result.rates.history)
+        rates = result.rates.note()
     text = (f"# {title}\n\n" if title else "") + result.verdict() + "\n\n" + \
-        f"Untrained validation loss: {result.base_val_loss:.3f}.\n\n" + \
+        f"Untrained validation loss: {result.base_val_loss:.3f}.\n\n" + rates + "\n" + \
         result.correlations.to_markdown(index=False, floatfmt=".3f") + "\n"
     write_text(out / "validation.md", text)
     validation_plot(result.sites, result.correlations, out / "validation.png", title=title)
@@ -280,6 +323,7 @@ def summary(result: Validation, out) -> tuple[dict, list[str]]:
     table = result.correlations[["score", "spearman", "spearman_lo", "spearman_hi", "kendall", "hit@1", "hit@3",
                                  "regret"]]
     return ({"verdict": result.verdict(), "base_val_loss": result.base_val_loss, "scores": table.to_dict("records"),
-             "sites": len(result.sites), "out": str(out)},
+             "sites": len(result.sites), "out": str(out),
+             "role_rates": None if result.rates is None else result.rates.best},
             [result.verdict(), table.to_markdown(index=False, floatfmt=".3f"),
              f"wrote {out}/validation.csv, validation.md, validation.png"])
