@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import random_batch
 from helpers import peft_lora_b_energy
-from placement.probe import scores
+from placement.probe import inputs, scores
 from placement.probe import ProbeSettings, probe, token_loss
 from placement.model.sites import find_sites
 from tiny import FAMILIES, tiny_model
@@ -65,9 +65,15 @@ def test_exact_aggregates_match_a_direct_computation(batches, hidden, grams_kept
     block (q, k and v share an input, gate and up another), whether the probe keeps x or its token Grams."""
     model = tiny_model("llama", hidden_size=hidden, intermediate_size=hidden * 3 // 2)
     sites = [s for s in find_sites(model) if s.layer == 1]
-    decisions = []
-    keep_grams = scores.keep_grams
-    monkeypatch.setattr(scores, "keep_grams", lambda *args: decisions.append(keep_grams(*args)) or decisions[-1])
+    decisions = []  # for each settled input of the exact probe: were its token Grams kept rather than x?
+    settle = inputs.Input.settle
+
+    def recording(self, layout):
+        kept_x = self.source is not None
+        settle(self, layout)
+        if layout is not None and kept_x:
+            decisions.append(self.grams is not None)
+    monkeypatch.setattr(inputs.Input, "settle", recording)
     result = probe(model, sites, batches, ProbeSettings(r=4, alpha=8)).scores.set_index("site")
     assert grams_kept in decisions
     weights = {s.name: model.get_submodule(s.name).weight for s in sites}
