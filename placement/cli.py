@@ -271,7 +271,7 @@ def validate(model, data, validate, probe, calibration, run, output, launch):
 
 @main.command()
 @settings(run=use(RunArgs, "out", out="runs/demo", overwrite=True, make_report=True),
-          calibration=use(CalibrationArgs, "batches"), train=use(TrainSettings, "steps", steps=60, max_length=64),
+          calibration=use(CalibrationArgs, "batches"), train=use(TrainSettings, "steps", steps=40, max_length=64),
           data=use(DataArgs, "n_test", data="builtin:arithmetic", n_test=60, n_validation=32),
           compare=use(CompareSettings, "arms", arms=parse_arms("dominant,all-linear"), build=False),
           recommend=use(RecommendSettings, "trial_steps", trial_steps=6, build=False),

@@ -29,7 +29,7 @@ def computed_scores(names: list[str], model, sites, calib, settings, log=print) 
 
 def scores_and_base(model, tokenizer, source, data: str, train_set: list, settings, progress: bool = False,
                     log=print):
-    """(the profile's plan, {score: {site: value}}, spectrum or None) for the selectors of `settings`."""
+    """(the profile, {score: {site: value}}, spectrum or None) for the selectors of `settings`."""
     from ..model.sites import find_sites
     from .profile import calibration_batches, profile_batches
 
@@ -46,7 +46,7 @@ def scores_and_base(model, tokenizer, source, data: str, train_set: list, settin
     spectrum = None
     if profile.result.spectrum is not None:
         spectrum = dict(zip(profile.result.scores["site"], profile.result.spectrum))
-    return profile.plan, scores | run_scores, spectrum
+    return profile, scores | run_scores, spectrum
 
 
 def selector_plans(base: Plan, budgets: dict[str, int], scores: dict, spectrum, settings,

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..plan.plan import Plan
 from .arms import parse_plan_arm
 from .compare import CompareSettings, run_comparison
 from .recommend import RecommendSettings, run_recommend
 
 BUDGET = 5.0  # percent of all-linear LoRA's parameters
 RECOMMEND = "recommend"
+PROFILE = "profile"
 
 
 def quick_recommendation(settings: CompareSettings, n_test: int | None, n_validation: int | None, batches: int,
@@ -31,14 +33,17 @@ def quick_recommendation(settings: CompareSettings, n_test: int | None, n_valida
 def run_demo(model, tokenizer, source, data: str, splits, settings: CompareSettings, recommend: RecommendSettings,
              out: str | Path, *, probe_settings, batches: int, progress: bool = False, log=print):
     """Recommend at one budget into OUT/recommend, then compare the recommended plan (the arm `recommended`) with
-    the comparison's own arms. Returns (Comparison, the profile's plan, the recommendation at the budget)."""
-    folder = Path(out) / RECOMMEND
-    decision = run_recommend(model, tokenizer, source, data, recommend, folder, progress=progress, log=log)
+    the comparison's own arms, made from the recommendation's own profile (OUT/profile: one probe, not two).
+    Returns (Comparison, the profile's plan, the recommendation at the budget)."""
+    folder, profile = Path(out) / RECOMMEND, Path(out) / PROFILE
+    decision = run_recommend(model, tokenizer, source, data, recommend, folder, progress=progress,
+                             profile_out=profile, log=log)
     budget, chosen = next(iter(decision.items()))
     arm = parse_plan_arm(f"recommended={folder / f'plan-{budget}.json'}")
     settings = replace(settings, arms=[arm, *settings.arms])
-    comparison, base = run_comparison(model, tokenizer, source, data, splits, settings, out, base=None,
-                                      probe_settings=probe_settings, batches=batches, progress=progress, log=log)
+    comparison, base = run_comparison(model, tokenizer, source, data, splits, settings, out,
+                                      base=Plan.load(profile / "plan.json"), probe_settings=probe_settings,
+                                      batches=batches, progress=progress, log=log, scores_folder=profile)
     return comparison, base, {"budget": budget, **chosen}
 
 

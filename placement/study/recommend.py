@@ -210,7 +210,7 @@ def cost_line(cost: dict) -> str:
 
 def prepare(model, tokenizer, source, data: str, settings: RecommendSettings, *, entrants=(), log=print,
             progress: bool = False):
-    """(splits, budgets, the base plan, every entry's plan): everything the trials need, before any is run."""
+    """(splits, budgets, the profile, every entry's plan): everything the trials need, before any is run."""
     from ..data import load_splits
     from .candidates import entrant_plans, scores_and_base, selector_plans
 
@@ -218,10 +218,10 @@ def prepare(model, tokenizer, source, data: str, settings: RecommendSettings, *,
     if not splits[1]:
         raise PlacementError(f"{data} leaves no validation example to judge trials by: add data or pass --validation")
     budgets = budgets_of(site_rows(model), settings)
-    base, scores, spectrum = scores_and_base(model, tokenizer, source, data, splits[0], settings, progress, log)
-    plans = selector_plans(base, budgets, scores, spectrum, settings, log) | entrant_plans(list(entrants), model,
-                                                                                            budgets, log)
-    return splits, budgets, base, plans
+    profile, scores, spectrum = scores_and_base(model, tokenizer, source, data, splits[0], settings, progress, log)
+    plans = selector_plans(profile.plan, budgets, scores, spectrum, settings, log)
+    plans |= entrant_plans(list(entrants), model, budgets, log)
+    return splits, budgets, profile, plans
 
 
 def save_run(folder: Path, source_name: str, data: str, settings: RecommendSettings, plans: dict, storage: str):
@@ -251,19 +251,23 @@ def open_queue(folder: Path, storage: str | None, create: bool, resume: bool = F
 
 def run_recommend(model, tokenizer, source, data: str, settings: RecommendSettings, out: str | Path, *,
                   storage: str | None = None, entrants=(), resume: bool = False, progress: bool = False,
-                  log=print) -> dict:
+                  profile_out: str | Path | None = None, log=print) -> dict:
     """The whole recommendation in `out` (already claimed as a run folder): probe, plans, trials, outputs. With
-    `resume` the finished trials of the run's store are kept (start it again while no other worker runs)."""
+    `resume` the finished trials of the run's store are kept (start it again while no other worker runs); with
+    `profile_out` the probe's profile is written there too, for a comparison to start from instead of probing again."""
+    from .profile import write_profile
     from .recommend_report import write_outputs
 
     folder = Path(out)
-    splits, budgets, base, plans = prepare(model, tokenizer, source, data, settings, entrants=entrants, log=log,
-                                           progress=progress)
+    splits, budgets, profile, plans = prepare(model, tokenizer, source, data, settings, entrants=entrants, log=log,
+                                              progress=progress)
+    if profile_out is not None:
+        write_profile(profile, profile_out, title=f"{source.name} on {data}: page")
     bench = Workbench(model, tokenizer, trial_splits(splits, settings), plans, settings)
     log(cost_line(estimate(model, tokenizer, bench.splits, bench.entries(), settings)))
     save_run(folder, source.name, data, settings, plans, storage or tq.default_storage(folder))
     results = run_trials(bench, open_queue(folder, storage, True, resume, log), progress, log)
-    full = sum(settings.r * (row["d_in"] + row["d_out"]) for row in base.sites)
+    full = sum(settings.r * (row["d_in"] + row["d_out"]) for row in profile.plan.sites)
     return write_outputs(folder, results, plans, full, settings)
 
 
