@@ -152,19 +152,18 @@ class Ledger(Listing):
         self.temporaries.add(self.relative(tmp))
         self._save()
 
-    def end(self, tmp: Path, placed=None) -> None:
+    def end(self, tmp: Path) -> None:
+        """The temporary is gone (renamed into place, or removed)."""
         self.temporaries.discard(self.relative(tmp))
-        for path in [placed] if isinstance(placed, (str, Path)) else (placed or []):
-            name = self.relative(path)
-            if name != RUN_FILE and name not in self.written:
-                self.written.append(name)
         self._save()
 
-    def add(self, path: str | Path) -> None:
-        """List a file this run wrote."""
-        name = self.relative(path)
-        if name != RUN_FILE and name not in self.written:
-            self.written.append(name)
+    def add(self, *paths: str | Path) -> None:
+        """List files this run writes: before the rename that puts each in place, so that a kill between the two
+        leaves no file of ours unlisted (a listed name that never arrived is harmless: removing it is a no-op)."""
+        names = [self.relative(path) for path in paths]
+        names = [n for n in dict.fromkeys(names) if n != RUN_FILE and n not in self.written]
+        if names:
+            self.written.extend(names)
             self._save()
 
     def keep(self, path: str | Path) -> None:

@@ -113,9 +113,11 @@ def atomic_path(path: str | Path, suffix: str | None = None, *, ledger=None):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
         file_mode(tmp)
+        if owner is not None:
+            owner.add(path)
         os.replace(tmp, path)
     if owner is not None:
-        owner.end(tmp, placed=path)
+        owner.end(tmp)
 
 
 @contextlib.contextmanager
@@ -153,11 +155,11 @@ def place(item: Path, target: Path, *, ledger=None) -> None:
         owner.may_write(target)
     try:
         file_mode(item)  # safetensors writes 0600; outputs are ordinary files
+        if owner is not None:
+            owner.add(target)  # listed before the rename, as every write of ours
         os.replace(item, target)
     except OSError as err:
         raise disk_error(err, target) from err
-    if owner is not None:
-        owner.add(target)
 
 
 @contextlib.contextmanager
@@ -179,9 +181,11 @@ def new_dir(path: str | Path, *, ledger=None):
         yield tmp
         for item in [tmp, *tmp.rglob("*")]:
             file_mode(item, directory=item.is_dir())
+        if owner is not None:
+            owner.add(*[path / item.relative_to(tmp) for item in sorted(tmp.rglob("*")) if item.is_file()])
         os.replace(tmp, path)
     if owner is not None:
-        owner.end(tmp, placed=[item for item in sorted(path.rglob("*")) if item.is_file()])
+        owner.end(tmp)
 
 
 def fsync_tree(path: Path) -> None:

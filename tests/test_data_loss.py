@@ -333,3 +333,40 @@ def test_an_empty_cache_variable_means_the_default_cache(monkeypatch):
     default = cache_root()
     monkeypatch.setenv("PLACEMENT_CACHE", "")
     assert cache_root() == default and cache_root().is_absolute()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_kill_at_the_rename_leaves_nothing_of_ours_unlisted(tmp_path, monkeypatch, kind):
+    """Every file is listed in run.json before the rename that puts it in place: a kill between the two (here: at
+    the rename) leaves no file the next run would refuse to remove as someone else's."""
+    from placement import outputs
+    from placement.ledger import run_folder
+
+    out, rename = tmp_path / "run", os.replace
+    seen = []
+
+    def killed_at_rename(src, dst):
+        if Path(dst).name == "run.json":  # the record itself is written the same way
+            return rename(src, dst)
+        listed = json.loads((out / "run.json").read_text())["files"]
+        seen.append([Path(dst, p.relative_to(src)).relative_to(out).as_posix() for p in Path(src).rglob("*")
+                     if p.is_file()]
+                    if Path(src).is_dir() else [Path(dst).relative_to(out).as_posix()])
+        assert all(name in listed for name in seen[-1]), (seen[-1], listed)
+        rename(src, dst)
+        raise KeyboardInterrupt  # the kill, just after the rename and before anything else is recorded
+
+    monkeypatch.setattr(outputs.os, "replace", killed_at_rename)
+    with pytest.raises(KeyboardInterrupt), run_folder(out):
+        if kind == "file":
+            outputs.write_text(out / "notes.txt", "ours")
+        else:
+            with outputs.new_dir(out / "state") as tmp:
+                (tmp / "a.json").write_text("{}")
+                (tmp / "sub").mkdir()
+                (tmp / "sub" / "b.bin").write_bytes(b"x")
+    monkeypatch.setattr(outputs.os, "replace", rename)
+    assert seen and seen[0]
+    record = json.loads((out / "run.json").read_text())
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "run.json"}
+    assert on_disk and on_disk <= set(record["files"])  # everything the kill left is listed as ours
