@@ -23,6 +23,7 @@ from placement.data import (
     split_examples,
     to_examples,
 )
+from placement.data.batches import training_batches
 from placement.model.load import MANIFEST, cache_root
 from tiny import tiny_tokenizer
 
@@ -318,3 +319,35 @@ def test_real_tokenizer_render():
     assert targets[-1] == tok.eos_token_id
     assert tok.decode(targets[:-1]).strip() == "7"
     assert ids[: len(prompt_ids(tok, example))] == prompt_ids(tok, example)
+
+
+def test_a_split_rendered_again_gives_the_same_batches_and_a_changed_one_is_rendered_anew(monkeypatch):
+    """The last rendered split is reused only for the same tokenizer, cut and example objects; the batches are the
+    same either way."""
+    from placement.data import batches as batches_mod
+
+    tok = tiny_tokenizer()
+    examples = to_examples(arithmetic_records(40, 0))
+    calls = []
+    render = batches_mod.render
+    monkeypatch.setattr(batches_mod, "render", lambda *a: calls.append(1) or render(*a))
+
+    def run(items, max_length=48):
+        return training_batches(tok, items, steps=3, batch_size=4, max_length=max_length, seed=1)
+
+    first = run(examples)
+    assert len(calls) == 40
+    again = run(list(examples))  # another list of the same example objects
+    assert len(calls) == 40
+    for one, two in zip(first, again):
+        assert torch.equal(one.input_ids, two.input_ids) and torch.equal(one.labels, two.labels)
+    changed = examples[:-1] + [to_examples(arithmetic_records(41, 0))[-1]]
+    run(changed)
+    assert len(calls) == 80  # one example object differs: rendered anew
+    run(changed, max_length=40)
+    assert len(calls) == 120  # another cut
+    fresh = [type(e)(**vars(e)) for e in changed]  # equal content, new objects
+    batches_mod._LAST_RENDERED.clear()
+    cold = run(fresh)
+    for one, two in zip(run(changed), cold):
+        assert torch.equal(one.input_ids, two.input_ids)

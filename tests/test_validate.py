@@ -36,6 +36,30 @@ def test_rank_correlations_hits_and_regret():
     assert paired["p"] == pytest.approx(1 / (stats.N_BOOT + 1))  # no resample on the far side: the floor
 
 
+@pytest.mark.parametrize("n, ties", [(3, False), (8, True), (30, False), (30, True)])
+def test_rank_correlation_intervals_equal_one_scipy_call_per_resample(n, ties):
+    """The bootstrap's resamples are scored in one block; the oracle is scipy's spearmanr and kendalltau (tau-b)
+    on each resample of the same draws, skipping those where one side is constant."""
+    from scipy import stats as st
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = x + rng.normal(size=n)
+    if ties:
+        x, y = np.round(x), np.round(2 * y)
+    got = stats.rank_correlations(x, y, n_boot=300, seed=4)
+    draws, rho, tau = np.random.default_rng(4), [], []
+    for _ in range(300):
+        pick = draws.integers(0, n, n)
+        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
+            rho.append(st.spearmanr(x[pick], y[pick]).statistic)
+            tau.append(st.kendalltau(x[pick], y[pick]).statistic)
+    for name, values in (("spearman", rho), ("kendall", tau)):
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        assert got[f"{name}_lo"] == pytest.approx(lo, abs=1e-12) and got[f"{name}_hi"] == pytest.approx(hi, abs=1e-12)
+    assert got["kendall"] == pytest.approx(st.kendalltau(x, y).statistic, abs=1e-12)
+
+
 def _scores(n=30, seed=0):
     rng = np.random.default_rng(seed)
     roles = ["q", "k", "v", "o", "gate", "up", "down"]

@@ -138,11 +138,27 @@ def split_examples(
     return chosen[test + validation:], chosen[test:test + validation], chosen[:test]
 
 
+# The split rendered last, with what it was rendered from: the studies train many runs (trials, arms, sites) on one
+# training split, and rendering thousands of chat templates cost more than a short run's training. One entry, so
+# the memory is that of one rendered split; it holds the tokenizer and the examples, so their ids stay theirs.
+_LAST_RENDERED: list = []
+
+
 def _render_all(tokenizer, examples: list[Example], max_length: int) -> list[tuple[list[int], list[int]]]:
+    key = (tokenizer, getattr(tokenizer, "chat_template", None), max_length, examples, tuple(map(id, examples)))
+    if _LAST_RENDERED and _same_source(_LAST_RENDERED[0], key):
+        return _LAST_RENDERED[1]
     rendered = [item for item in (render(tokenizer, e, max_length) for e in examples) if item is not None]
     if not rendered:
         raise DataError(f"--max-length {max_length} leaves no target tokens in any example: raise --max-length")
+    _LAST_RENDERED[:] = [key, rendered]
     return rendered
+
+
+def _same_source(old: tuple, new: tuple) -> bool:
+    """The same tokenizer object and template, the same cut, and the same example objects in the same order (the
+    entry holds the old examples, so an id in it cannot have passed to another object)."""
+    return old[0] is new[0] and old[1] == new[1] and old[2] == new[2] and old[4] == new[4]
 
 
 def training_batches(
