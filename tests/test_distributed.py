@@ -1,7 +1,7 @@
 """Commands under torch.distributed as a launcher starts them: two CPU processes (gloo) with the environment torchrun
-gives each rank (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) run the probe, `profile` and `train` under
-DDP and FSDP and `stability`, and give what one process gives; only rank 0 writes and prints. Both processes are
-started once and run every command in turn, as a launcher would start each."""
+gives each rank (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) run the probe and the act_norm score,
+`profile` and `train` under DDP and FSDP and `stability`, and give what one process gives; only rank 0 writes and
+prints. Both processes are started once and run every command in turn, as a launcher would start each."""
 import contextlib
 import json
 import os
@@ -20,6 +20,8 @@ from helpers import free_port
 from placement import distributed
 from placement.plan import Strategy
 from placement.probe import ProbeSettings, probe
+from placement.probe.act_norm import act_norm_scores
+from placement.probe.registry import ScoreContext
 from placement.model.sites import find_sites
 from tiny import tiny_model
 
@@ -36,6 +38,10 @@ def _probe(model):
     return probe(model, find_sites(model), [random_batch(s) for s in range(BATCHES)], ProbeSettings(seed=1))
 
 
+def _act_norm(model):
+    return act_norm_scores(ScoreContext(model, find_sites(model), [random_batch(s) for s in range(3)]))
+
+
 def _worker(rank: int, world: int, ports: list[int], commands: list[list[str]], folder: str) -> None:
     """One rank: the probe called directly, then each command line as `python -m placement` runs it."""
     from placement.cli import main
@@ -47,9 +53,11 @@ def _worker(rank: int, world: int, ports: list[int], commands: list[list[str]], 
     distributed.start()
     try:
         result = _probe(tiny_model("llama"))
+        norms = _act_norm(tiny_model("llama"))  # three batches over two ranks: uneven shares, 2 and 1
         if rank == 0:
             result.scores.to_csv(Path(folder) / "probe.csv", index=False)
             np.save(Path(folder) / "probe.batches.npy", result.batch_page)
+            pd.Series(norms).to_csv(Path(folder) / "act_norm.csv")
     finally:
         distributed.stop()
     for i, (port, args) in enumerate(zip(ports[1:], commands)):
@@ -86,6 +94,12 @@ def test_two_process_probe_matches_one_process(launched):
     for column in ("page", "page_sampled", "grad_energy", "fisher", "coherence"):
         np.testing.assert_allclose(both[column], single.scores[column], rtol=1e-5, err_msg=column)
     np.testing.assert_allclose(np.load(folder / "probe.batches.npy"), single.batch_page, rtol=1e-5)
+
+
+def test_act_norm_over_two_processes_is_that_of_one(launched):
+    folder, _ = launched
+    both = pd.read_csv(folder / "act_norm.csv", index_col=0).iloc[:, 0]
+    assert both.to_dict() == pytest.approx(_act_norm(tiny_model("llama")), rel=1e-6)
 
 
 def one_process(invoke, args, out):

@@ -135,37 +135,3 @@ def test_a_score_registered_outside_reaches_scores_csv_validate_and_the_report(s
     assert {"act_norm", "width"} <= set(agreement["a"]) | set(agreement["b"])
     page = build(out)
     assert "<th>act_norm</th>" in page and "<th>width</th>" in page
-
-
-def _act_norm_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
-    import torch.distributed as dist
-    from conftest import random_batch
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = tiny_model("llama")
-        values = act_norm_scores(ScoreContext(model, find_sites(model), [random_batch(s) for s in range(3)]))
-        if rank == 0:
-            pd.Series(values).to_csv(out)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_act_norm_over_two_processes_is_that_of_one(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-    from conftest import random_batch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "act_norm.csv")
-    mp.spawn(_act_norm_worker, args=(2, port, out), nprocs=2, join=True)  # uneven shares: 2 batches and 1
-    model = tiny_model("llama")
-    single = act_norm_scores(ScoreContext(model, find_sites(model), [random_batch(s) for s in range(3)]))
-    both = pd.read_csv(out, index_col=0).iloc[:, 0]
-    assert both.to_dict() == pytest.approx(single, rel=1e-6)
