@@ -179,6 +179,7 @@ def test_broken_launch_variables_are_one_line(invoke, assert_one_line_error, mod
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_rank_that_never_comes_is_named_after_dist_timeout(invoke, assert_one_line_error, model_dir, tmp_path,
                                                             monkeypatch):
     with socket.socket() as s:

@@ -176,6 +176,7 @@ def test_generation_stops_at_end_of_turn():
 
 
 
+@pytest.mark.slow
 def test_cli_train_and_compare(invoke, model_dir, profile_dir, tmp_path):
     trained = invoke("train", "--plan", profile_dir, "--model", model_dir, "--data", "builtin:arithmetic", "--steps",
                   "3", "--batch-size", "4", "--test", "4", "--validation", "0", "--max-new-tokens", "4", "--merge",
@@ -194,6 +195,7 @@ def test_cli_train_and_compare(invoke, model_dir, profile_dir, tmp_path):
     assert (tmp_path / "c" / "profile" / "heatmap.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_sweep_tries_the_rates_of_lr_grid(invoke, model_dir, tmp_path):
     swept = invoke("compare", "--model", model_dir, "--data", "builtin:arithmetic", "--arms", "dominant",
                    "--lr-sweep", "--lr-grid", "2e-3,2e-2", "--sweep-steps", "1", "--steps", "1", "--batch-size", "4",

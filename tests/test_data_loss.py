@@ -74,6 +74,7 @@ def interrupted_at(monkeypatch, stop: int):
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_never_follows_a_link_among_the_checkpoints(invoke, assert_one_line_error, plan_file, model_dir,
                                                            tmp_path, monkeypatch, user_folder):
     out = tmp_path / "train"
@@ -90,6 +91,7 @@ def test_resume_never_follows_a_link_among_the_checkpoints(invoke, assert_one_li
     assert not any(n.startswith("checkpoints/") for n in record(out)["files"])
 
 
+@pytest.mark.slow
 def test_a_link_where_the_next_checkpoint_goes_is_refused_not_followed(invoke, assert_one_line_error, plan_file,
                                                                         model_dir, tmp_path, monkeypatch,
                                                                         user_folder):
@@ -103,6 +105,7 @@ def test_a_link_where_the_next_checkpoint_goes_is_refused_not_followed(invoke, a
     user_folder.check()
 
 
+@pytest.mark.slow
 def test_a_link_as_the_checkpoints_folder_is_never_written_or_emptied(invoke, assert_one_line_error, plan_file,
                                                                       model_dir, tmp_path, user_folder):
     out = tmp_path / "train"
@@ -114,6 +117,7 @@ def test_a_link_as_the_checkpoints_folder_is_never_written_or_emptied(invoke, as
     user_folder.check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [("--overwrite",), ("--overwrite", "--save-every", "1")])
 def test_overwrite_keeps_a_users_folder_under_checkpoints(invoke, plan_file, model_dir, tmp_path, flags):
     out = tmp_path / "train"
@@ -128,6 +132,7 @@ def test_overwrite_keeps_a_users_folder_under_checkpoints(invoke, plan_file, mod
     assert tree(mine) == {"adapter.safetensors": b"my own adapter", "state.json": b"{}"}
 
 
+@pytest.mark.slow
 def test_resume_keeps_a_users_folder_under_checkpoints(invoke, plan_file, model_dir, tmp_path, monkeypatch):
     out = tmp_path / "train"
     interrupted_at(monkeypatch, 2)
@@ -142,6 +147,7 @@ def test_resume_keeps_a_users_folder_under_checkpoints(invoke, plan_file, model_
 
 
 # -- temporary files and arms -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_only_the_temporaries_a_run_listed_are_cleaned(invoke, model_dir, tmp_path, user_folder):
     out = tmp_path / "run"
     first = invoke("profile", "--model", model_dir, *PROFILE, "--out", out)
@@ -161,6 +167,7 @@ def test_only_the_temporaries_a_run_listed_are_cleaned(invoke, model_dir, tmp_pa
     user_folder.check()
 
 
+@pytest.mark.slow
 def test_links_under_the_arms_are_neither_followed_nor_emptied(invoke, assert_one_line_error, model_dir, tmp_path,
                                                                user_folder):
     out = tmp_path / "compare"
@@ -181,6 +188,7 @@ def test_links_under_the_arms_are_neither_followed_nor_emptied(invoke, assert_on
     user_folder.check()
 
 
+@pytest.mark.slow
 def test_compare_with_scores_in_the_folder_it_overwrites_keeps_them(invoke, assert_one_line_error, model_dir,
                                                                     tmp_path):
     out = tmp_path / "compare"
@@ -251,6 +259,7 @@ def _lock(out: Path, pid: int) -> None:
                                                      "ticks": runlock._start_ticks(pid)}))
 
 
+@pytest.mark.slow
 def test_a_live_run_is_neither_replaced_nor_continued(invoke, assert_one_line_error, plan_file, model_dir,
                                                       tmp_path, monkeypatch):
     out = tmp_path / "train"
@@ -291,6 +300,7 @@ def test_a_crash_after_the_claim_marks_the_run_failed_and_a_rerun_works(invoke, 
     assert again.exit_code == 0, again.output
 
 
+@pytest.mark.slow
 def test_a_crash_after_a_checkpoint_says_failed_and_points_to_resume(invoke, assert_one_line_error, plan_file,
                                                                      model_dir, tmp_path, monkeypatch):
     out = tmp_path / "train"
@@ -311,6 +321,7 @@ def test_a_crash_after_a_checkpoint_says_failed_and_points_to_resume(invoke, ass
     assert resumed.exit_code == 0, resumed.output
 
 
+@pytest.mark.slow
 def test_a_kill_before_the_first_checkpoint_leads_to_a_rerun_that_works(invoke, assert_one_line_error, plan_file,
                                                                        model_dir, tmp_path):
     out = tmp_path / "train"

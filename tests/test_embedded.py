@@ -13,13 +13,13 @@ from placement.study.profile import run_profile
 from tiny import VOCAB_SIZE, tiny_tokenizer
 
 
-@pytest.mark.slow
-@pytest.mark.embedded
 def plan_size(out) -> int:
     """All-linear LoRA's trainable parameters at the profile's rank: the yardstick of the demo's budget."""
     return Plan.load(out / "profile").all_linear_params()
 
 
+@pytest.mark.slow
+@pytest.mark.embedded
 def test_embedded_model_loads_answers_and_runs_the_demo(invoke, tmp_path):
     """The cached weights are the real model, and the README's demo, cut down to seconds, profiles, plans, trains,
     compares and reports on it."""

@@ -243,6 +243,7 @@ def test_a_killed_training_run_resumes_and_is_never_silently_discarded(invoke, a
     assert set(record["files"]) == set(tree(out)) - {"run.json"}
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_with_merged_weights(invoke, profile_dir, model_dir, tmp_path):
     out = tmp_path / "train"
     first = invoke(*_train_args(profile_dir, model_dir, out, "--merge"))
@@ -287,6 +288,7 @@ def test_a_hand_edited_plan_that_trains_something_else_is_refused(invoke, assert
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_adapter_config_is_deterministic_and_names_the_model_as_given(invoke, profile_dir, model_dir, tmp_path):
     configs = []
     for name in ("a", "b"):
@@ -419,6 +421,7 @@ def test_an_unwritable_cache_falls_back_to_the_gguf(fake_gguf, tmp_path, monkeyp
 
 
 # -- bad input that used to end in a traceback -------------------------------------------------------------------
+@pytest.mark.slow
 def test_data_without_answers_trains_and_evaluates_loss_only(invoke, profile_dir, model_dir, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."})
@@ -553,6 +556,7 @@ def test_the_demo_writes_an_untracked_folder_by_default():
     assert "runs/" in ignored
 
 
+@pytest.mark.slow
 def test_allocate_without_a_spectrum_or_below_one_site_is_one_line(invoke, assert_one_line_error, model_dir, profile_dir,
                                                                    tmp_path):
     fast = tmp_path / "fast"
@@ -682,6 +686,7 @@ def test_a_bottleneck_adapter_for_other_widths_or_modules_is_one_line(bottleneck
             bn.load(tiny_model("llama"), bottleneck_adapter)
 
 
+@pytest.mark.slow
 def test_a_megabyte_evaluation_record_is_cut_to_the_models_context():
     from placement import data as data_mod
     from placement.train import evaluate as ev

@@ -142,6 +142,7 @@ def test_a_family_plan_refuses_lora_options_and_applies_as_it_is(make_plan, tmp_
     assert adapted.active_peft_config.peft_type == "IA3"
 
 
+@pytest.mark.slow
 def test_compare_trains_other_families_on_their_own_ranking(invoke, model_dir, tmp_path):
     import json
 

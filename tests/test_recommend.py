@@ -113,6 +113,7 @@ def test_decision_prefers_fewer_parameters_within_the_spread():
     assert d["runner_up"] == "page" and d["margin_page"] == pytest.approx(2.05 - 2.085)
 
 
+@pytest.mark.slow
 def test_recommend_end_to_end_and_join_on_a_finished_run(invoke, model_dir, data_file, tmp_path):
     out = tmp_path / "rec"
     result = invoke("recommend", "--model", model_dir, "--data", data_file, "--budget", "20%,40%", "--out", out,
@@ -180,6 +181,7 @@ def test_join_and_recommended_plan_need_a_study(invoke, assert_one_line_error, t
                           "holds no recommendation")
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_tiny_model_match_one(model_dir, data_file, tmp_path):
     """Real trials: two threads pull from one journal; training is serialised (PEFT draws A from the global
     generator), the queue is not."""

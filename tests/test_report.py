@@ -35,6 +35,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_and_escaped(run_dir):
     page = (run_dir / "report.html").read_text()
     assert "Dominant site" in page and "Training the placements" in page and "Top 20 sites" in page

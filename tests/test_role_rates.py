@@ -69,6 +69,7 @@ def _prompts(examples) -> set:
     return {repr(e) for e in examples}
 
 
+@pytest.mark.slow
 def test_the_sweep_scores_on_a_training_slice_disjoint_from_the_validation_split(swept):
     result, spy = swept
     scored = _prompts(sum(spy["sweep_scored"], []))
@@ -79,6 +80,7 @@ def test_the_sweep_scores_on_a_training_slice_disjoint_from_the_validation_split
     assert len(spy["sweep_fit"]) == len(GRID) * len(result.rates.best)  # every rate of every role, nothing more
 
 
+@pytest.mark.slow
 def test_each_site_trains_at_its_roles_best_rate(swept):
     result, spy = swept
     history, best = result.rates.history, result.rates.best
@@ -94,6 +96,7 @@ def test_each_site_trains_at_its_roles_best_rate(swept):
         assert spy["trained"][row.site] == (best[row.role], len(spy["train_set"]))  # the whole training split
 
 
+@pytest.mark.slow
 def test_no_role_sweep_trains_every_site_at_one_rate(swept, make_plan, tmp_path):
     one_rate = replace(SETTINGS, role_sweep=False, train=replace(SETTINGS.train, lr=2e-3))
     spy = {}

@@ -70,6 +70,7 @@ def test_narrow_sites_are_exact():
     torch.testing.assert_close(spectrum.top_spectrum(d, x, None, 20), want, rtol=1e-5, atol=1e-5 * float(want[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.embedded
 def test_embedded_profile_spectrum_matches_the_oracle(monkeypatch):
     """Every site of the embedded model, one batch of 8 arithmetic prompts (about 350 tokens: the token side,
