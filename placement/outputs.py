@@ -179,10 +179,11 @@ def new_dir(path: str | Path, *, ledger=None):
     with _abandoned_on_failure(tmp, path, owner, remove_temporary_tree):
         tmp.mkdir()
         yield tmp
-        for item in [tmp, *tmp.rglob("*")]:
+        inside = sorted(tmp.rglob("*"))
+        for item in [tmp, *inside]:
             file_mode(item, directory=item.is_dir())
         if owner is not None:
-            owner.add(*[path / item.relative_to(tmp) for item in sorted(tmp.rglob("*")) if item.is_file()])
+            owner.add(*[path / item.relative_to(tmp) for item in inside if item.is_file()])
         os.replace(tmp, path)
     if owner is not None:
         owner.end(tmp)

@@ -5,6 +5,7 @@ import json
 import random
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -138,27 +139,37 @@ def split_examples(
     return chosen[test + validation:], chosen[test:test + validation], chosen[:test]
 
 
-# The split rendered last, with what it was rendered from: the studies train many runs (trials, arms, sites) on one
-# training split, and rendering thousands of chat templates cost more than a short run's training. One entry, so
-# the memory is that of one rendered split; it holds the tokenizer and the examples, so their ids stay theirs.
-_LAST_RENDERED: list = []
+class _Rendered(NamedTuple):
+    """A rendered split and what it was rendered from. It holds the tokenizer and the examples, so the ids of the
+    example objects it compares by cannot pass to other objects while it lives."""
+
+    tokenizer: object
+    template: str | None
+    max_length: int
+    examples: list
+    ids: tuple
+    rendered: list
+
+    def renders(self, tokenizer, examples: list, max_length: int) -> bool:
+        """The same tokenizer object and template, the same cut, the same example objects in the same order."""
+        return (self.tokenizer is tokenizer and self.template == getattr(tokenizer, "chat_template", None)
+                and self.max_length == max_length and self.ids == tuple(map(id, examples)))
+
+
+# The split rendered last: the studies train many runs (trials, arms, sites) on one training split, and rendering
+# thousands of chat templates cost more than a short run's training. One entry, so the memory is one split's.
+_LAST_RENDERED: list[_Rendered] = []
 
 
 def _render_all(tokenizer, examples: list[Example], max_length: int) -> list[tuple[list[int], list[int]]]:
-    key = (tokenizer, getattr(tokenizer, "chat_template", None), max_length, examples, tuple(map(id, examples)))
-    if _LAST_RENDERED and _same_source(_LAST_RENDERED[0], key):
-        return _LAST_RENDERED[1]
+    if _LAST_RENDERED and _LAST_RENDERED[0].renders(tokenizer, examples, max_length):
+        return _LAST_RENDERED[0].rendered
     rendered = [item for item in (render(tokenizer, e, max_length) for e in examples) if item is not None]
     if not rendered:
         raise DataError(f"--max-length {max_length} leaves no target tokens in any example: raise --max-length")
-    _LAST_RENDERED[:] = [key, rendered]
+    _LAST_RENDERED[:] = [_Rendered(tokenizer, getattr(tokenizer, "chat_template", None), max_length, list(examples),
+                                   tuple(map(id, examples)), rendered)]
     return rendered
-
-
-def _same_source(old: tuple, new: tuple) -> bool:
-    """The same tokenizer object and template, the same cut, and the same example objects in the same order (the
-    entry holds the old examples, so an id in it cannot have passed to another object)."""
-    return old[0] is new[0] and old[1] == new[1] and old[2] == new[2] and old[4] == new[4]
 
 
 def training_batches(

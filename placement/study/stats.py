@@ -2,8 +2,6 @@
 site, and the intervals and paired tests that tell two placements apart. scipy does the distributions."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import stats as st
 
@@ -22,24 +20,26 @@ def _kendall(x: np.ndarray, y: np.ndarray) -> float:
     return float(st.kendalltau(x, y).statistic)  # tau-b: ties take average ranks
 
 
-def _row_ranks(values: np.ndarray) -> np.ndarray:
-    return st.rankdata(values, axis=1)  # average ranks for ties, as spearmanr
-
-
 def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman's rho of each row pair: Pearson's r of the rows' average ranks."""
-    rx, ry = _row_ranks(x), _row_ranks(y)
+    """Spearman's rho of each row pair: Pearson's r of the rows' average ranks (ties as in spearmanr)."""
+    rx, ry = st.rankdata(x, axis=1), st.rankdata(y, axis=1)
     rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
     return (rx * ry).sum(axis=1) / np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
 
 
 def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row pair, from the signs of every pair of positions (ties count as in kendalltau)."""
-    sx = np.sign(x[:, :, None] - x[:, None, :])
-    sy = np.sign(y[:, :, None] - y[:, None, :])
-    concordance = (sx * sy).sum(axis=(1, 2)) / 2
-    pairs_x, pairs_y = np.abs(sx).sum(axis=(1, 2)) / 2, np.abs(sy).sum(axis=(1, 2)) / 2
-    return concordance / np.sqrt(pairs_x * pairs_y)
+    """Kendall's tau-b of each row pair, from the signs of every pair of positions (ties count as in kendalltau);
+    rows a block at a time, so the pair-sign arrays stay a few MB."""
+    n = x.shape[1]
+    step = max(1, 2_000_000 // max(1, n * n))
+    taus = []
+    for i in range(0, len(x), step):
+        sx = np.sign(x[i:i + step, :, None] - x[i:i + step, None, :])
+        sy = np.sign(y[i:i + step, :, None] - y[i:i + step, None, :])
+        concordance = (sx * sy).sum(axis=(1, 2)) / 2
+        pairs_x, pairs_y = np.abs(sx).sum(axis=(1, 2)) / 2, np.abs(sy).sum(axis=(1, 2)) / 2
+        taus.append(concordance / np.sqrt(pairs_x * pairs_y))
+    return np.concatenate(taus) if taus else np.zeros(0)
 
 
 def rank_correlations(score, gain, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -50,15 +50,14 @@ def rank_correlations(score, gain, n_boot: int = 1000, seed: int = 0) -> dict:
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     out = {"sites": int(len(x)), "spearman": _spearman(x, y), "kendall": _kendall(x, y)}
-    n = len(x)
-    picks = np.random.default_rng(seed).integers(0, n, (n_boot, n)) if n > 2 else np.zeros((0, n), dtype=int)
-    xs, ys = x[picks], y[picks]
-    varied = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0) if len(picks) else np.zeros(0, dtype=bool)
-    xs, ys = xs[varied], ys[varied]
-    rows = max(1, 2_000_000 // max(1, n * n))  # the pair-sign blocks of Kendall's tau, a few MB at a time
-    boot = {"spearman": _spearman_rows(xs, ys) if len(xs) else np.zeros(0),
-            "kendall": np.concatenate([_kendall_rows(xs[i:i + rows], ys[i:i + rows])
-                                       for i in range(0, len(xs), rows)]) if len(xs) else np.zeros(0)}
+    boot = {"spearman": np.zeros(0), "kendall": np.zeros(0)}
+    if len(x) > 2:
+        picks = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
+        xs, ys = x[picks], y[picks]
+        varied = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+        if varied.any():
+            xs, ys = xs[varied], ys[varied]
+            boot = {"spearman": _spearman_rows(xs, ys), "kendall": _kendall_rows(xs, ys)}
     for name, values in boot.items():
         lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) >= 10 else (float("nan"), float("nan"))
         out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
