@@ -1,6 +1,7 @@
 """Statistics over seeds and the arms that feed them: the crossed bootstrap by hand, the p floor, the seed-level
 t-test against scipy, what two seeds can and cannot say, random arms that draw per seed, plan files as arms, and
 the arm lists a comparison refuses."""
+import dataclasses
 import json
 
 import numpy as np
@@ -90,15 +91,17 @@ def boolean_examples(n):
 def test_a_plan_file_is_an_arm_and_a_resume_refuses_another_kind_under_its_label(make_plan, tmp_path):
     model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
     base = make_plan(model, Strategy("dominant"))
-    base.with_strategy(Strategy("top-k", k=2)).save(tmp_path / "mine.json")
+    judged = {"kind": "recommend", "lr": 0.02}  # a recommended plan trains at the rate it was judged at
+    dataclasses.replace(base.with_strategy(Strategy("top-k", k=2)), provenance=judged).save(tmp_path / "mine.json")
     splits = data_mod.task_splits(boolean_examples(24), None, test=4, validation=2, seed=0)
     arms, _, _ = compare_inputs("dominant,random-1", splits, False, None, None, 4,
                                 plan_arms=[f"top-2={tmp_path / 'mine.json'}"])
-    assert isinstance(arms[-1], PlanArm) and arms[-1].digest.startswith("sha256:")
+    assert isinstance(arms[-1], PlanArm) and arms[-1].digest.startswith("sha256:") and arms[-1].lr == 0.02
     settings = CompareSettings(arms, TrainSettings(steps=1, batch_size=4, max_length=48), seeds=2, max_new_tokens=2)
     comparison = run_compare(model, tokenizer, base, splits, settings, tmp_path / "c", log=lambda line: None)
     rows = comparison.table.set_index("arm")
     assert rows.loc["top-2", "sites"] == 2 and rows.loc["random-1", "draws"].startswith("seed 0: ")
+    assert rows.loc["top-2", "lr"] == 0.02 and rows.loc["dominant", "lr"] == settings.train.lr
     metrics = json.loads((tmp_path / "c" / "arms" / "top-2" / "seed-0" / "metrics.json").read_text())
     assert metrics["arm_kind"] == "plan file" and "placement_version" in metrics and "git_commit" in metrics
     from placement.study.tables import notes

@@ -50,6 +50,8 @@ def test_embedded_model_loads_answers_and_runs_the_demo(invoke, tmp_path):
     assert chosen["budget"] == "5%" and Plan.load(out / "recommend" / "plan-5%.json").provenance["selector"] == \
         chosen["selector"]
     assert chosen["params"] <= 0.05 * plan_size(out)
+    rates = {row["arm"]: row["lr"] for row in summary["rows"]}
+    assert rates["recommended"] == chosen["lr"] and rates["dominant"] == 1e-3  # judged rate; the others at --lr
     for name in ("report.html", "comparison.csv", "curves.png", "profile/heatmap.png", "profile/top4.json",
                  "recommend/recommendation.md", "recommend/pareto.png", "arms/recommended/adapter_model.safetensors",
                  "arms/dominant/adapter_model.safetensors", "run.json"):

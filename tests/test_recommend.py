@@ -67,6 +67,7 @@ def test_one_rung_stops_after_rung_zero_and_decides_on_it(tmp_path):
     assert trial_count(ENTRIES, quick) == (7, 14)
     decision = decide(trials_frame(results, 1000))["5%"]
     assert decision["selector"] == "s3" and decision["spread"] == 0  # the best at the swept rate, one seed
+    assert decision["lr"] == 1e-2  # the swept rate it was judged at, which its plan carries
     assert decision["margin_page"] == pytest.approx(0.3)  # page at its best rate, not its sweep's worst
 
 
@@ -107,7 +108,7 @@ def test_decision_prefers_fewer_parameters_within_the_spread():
     for selector, params, losses in (("page", 300, (2.00, 2.10)), ("small", 100, (2.08, 2.09)),
                                      ("worse", 50, (2.50, 2.60))):
         rows += [dict(stage="rung1", selector=selector, budget="5%", seed=s, params=params, val_loss=v,
-                      sites=selector) for s, v in enumerate(losses)]
+                      sites=selector, lr=3e-3) for s, v in enumerate(losses)]
     d = decide(pd.DataFrame(rows))["5%"]
     assert d["selector"] == "small"  # page's mean 2.05, spread 0.10: small's 2.085 lies within it
     assert d["runner_up"] == "page" and d["margin_page"] == pytest.approx(2.05 - 2.085)
@@ -123,6 +124,7 @@ def test_recommend_end_to_end_and_join_on_a_finished_run(invoke, model_dir, data
         assert (out / name).is_file(), name
     plan = recommended_plan(out, "20%")
     assert plan.strategy["name"] == "recommended" and plan.provenance["budget"] == "20%"
+    assert plan.provenance["lr"] in (1e-3, 1e-2) and plan.provenance["seeds"] == [0, 1]
     assert plan.trainable_params <= 0.2 * plan.all_linear_params()
     assert Plan.load(out / "plan-40%.json").provenance["selector"] in {"page", "params", "down", "lookahead"}
     trials = pd.read_csv(out / "trials.csv")

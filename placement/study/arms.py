@@ -30,6 +30,7 @@ class PlanArm(Arm):
     path: str = ""
     digest: str = ""  # sha256 of the file's bytes
     plan: Plan | None = field(default=None, compare=False, hash=False, repr=False)
+    lr: float | None = None  # without a sweep, the rate instead of --lr: a recommended plan's, as it was judged
 
 
 def parse_plan_arm(spec: str) -> PlanArm:
@@ -49,7 +50,14 @@ def parse_plan_arm(spec: str) -> PlanArm:
         raise PlacementError(f"--plan-arm {label}: {file} is not a placement plan ({type(err).__name__}): "
                              "pass a plan written by placement plan or profile") from None
     digest = "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
-    return PlanArm(label, "given", path=str(file), digest=digest, plan=plan)
+    return PlanArm(label, "given", path=str(file), digest=digest, plan=plan, lr=recorded_rate(plan))
+
+
+def recorded_rate(plan: Plan) -> float | None:
+    """The rate a recommended plan was judged at (its provenance says so): without a sweep it is trained there."""
+    provenance = plan.provenance or {}
+    rate = provenance.get("lr") if provenance.get("kind") == "recommend" else None
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 else None
 
 
 def arm_kind(arm: Arm) -> str:

@@ -43,7 +43,8 @@ class CompareSettings:
         "help": "comma-separated: {arms}", "show": lambda arms: ",".join(arm.label for arm in arms)})
     train: TrainSettings = field(default_factory=TrainSettings)
     plan_arms: tuple[str, ...] = field(default=(), metadata={  # LABEL=PATH, read into `arms` by compare_inputs
-        "help": "a plan file trained as one more arm, named LABEL: LABEL=PATH (repeatable)", "option": "--plan-arm",
+        "help": "a plan file trained as one more arm, named LABEL: LABEL=PATH (repeatable); a plan "
+                "written by recommend is trained at the rate it was judged at unless the arm is swept", "option": "--plan-arm",
         "many": True})
     lr_sweep: bool = field(default=False, metadata={
         "help": "sweep 1e-4 .. 1e-2 per arm on seed 0 by validation loss (one step past an edge)"})
@@ -132,7 +133,13 @@ def _arm_key(plan: Plan, settings: CompareSettings, arm: Arm, seed: int, splits)
                         "sweep": [sorted(settings.lrs), settings.sweep_steps] if settings.sweeps(arm) else None,
                         "train_data": data_fingerprint(train_set), "test_data": data_fingerprint(test_set),
                         "max_new_tokens": settings.max_new_tokens}
-                       | ({"plan_file": arm.digest} if isinstance(arm, PlanArm) else {}))
+                       | ({"plan_file": arm.digest} if isinstance(arm, PlanArm) else {})
+                       | ({"arm_lr": _own_rate(arm)} if _own_rate(arm) is not None else {}))
+
+
+def _own_rate(arm: Arm) -> float | None:
+    """The rate an arm brings with it (a plan arm given one), which replaces --lr when the arm is not swept."""
+    return getattr(arm, "lr", None)
 
 
 def _finished(folder: Path, key: str) -> ArmRun | None:
@@ -199,7 +206,7 @@ def train_arm(model, tokenizer, plans: list[Plan], arm: Arm, splits, settings: C
     elif settings.sweeps(arm):
         lr, history, at_edge = choose_lr(model, tokenizer, plans[0], splits, settings, progress)
     else:
-        lr, history, at_edge = settings.train.lr, None, None
+        lr, history, at_edge = _own_rate(arm) or settings.train.lr, None, None
     runs = []
     for seed, (plan, sub, key, previous) in enumerate(zip(plans, folders, keys, done)):
         if previous is not None:

@@ -39,7 +39,7 @@ def run_demo(model, tokenizer, source, data: str, splits, settings: CompareSetti
     decision = run_recommend(model, tokenizer, source, data, recommend, folder, progress=progress,
                              profile_out=profile, log=log)
     budget, chosen = next(iter(decision.items()))
-    arm = parse_plan_arm(f"recommended={folder / f'plan-{budget}.json'}")
+    arm = parse_plan_arm(f"recommended={folder / f'plan-{budget}.json'}")  # at its judged rate; the others at --lr
     settings = replace(settings, arms=[arm, *settings.arms])
     comparison, base = run_comparison(model, tokenizer, source, data, splits, settings, out,
                                       base=Plan.load(profile / "plan.json"), probe_settings=probe_settings,
@@ -55,4 +55,4 @@ def recommendation_lines(chosen: dict) -> list[str]:
            + (f", {chosen['margin_runner_up']:+.4f} against the runner-up, {chosen['runner_up']}"
               if chosen.get("runner_up") else "") + ")")
     return [f"recommended at {chosen['budget']} of all-linear's parameters: the {chosen['selector']} selector's plan, "
-            f"{chosen['params']:,} trainable parameters, for its {why}"]
+            f"{chosen['params']:,} trainable parameters at lr {chosen['lr']:g}, for its {why}"]

@@ -37,7 +37,8 @@ def _final(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
 def _summaries(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
     longer = _final(frame, budget)
     return longer.groupby("selector").agg(mean=("val_loss", "mean"), lo=("val_loss", "min"), hi=("val_loss", "max"),
-                                          params=("params", "first"), sites=("sites", "first")).reset_index()
+                                          params=("params", "first"), sites=("sites", "first"),
+                                          lr=("lr", "first")).reset_index()
 
 
 def decide(frame: pd.DataFrame) -> dict[str, dict]:
@@ -56,6 +57,7 @@ def decide(frame: pd.DataFrame) -> dict[str, dict]:
         page = table[table.selector == "page"]
         out[budget] = {
             "selector": winner.selector, "params": int(winner.params), "val_loss": float(winner["mean"]),
+            "lr": float(winner.lr),  # the rate the plan was judged at: train it there
             "same_sites": sorted(table[(table.sites == winner.sites) & (table.selector != winner.selector)].selector),
             "spread": float(winner.hi - winner.lo), "runner_up": others.iloc[0].selector if len(others) else None,
             "margin_runner_up": float(others.iloc[0]["mean"] - winner["mean"]) if len(others) else None,
@@ -111,9 +113,13 @@ def pareto(frame: pd.DataFrame, decision: dict, path) -> None:
 
 
 def recommended(plan: Plan, budget: str, d: dict, settings) -> Plan:
-    provenance = {"kind": "recommend", "budget": budget, "selector": d["selector"], "val_loss": d["val_loss"],
-                  "spread": d["spread"], "same_sites": d["same_sites"], "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
-                  "margin_page": d["margin_page"], "steps": 3 * settings.trial_steps, "seeds": [0, 1],
+    """The plan of the budget's winner, with how it was judged: its rate, trial length and seeds, its margins."""
+    quick = settings.rungs == 1  # rung 0 alone: one seed at the trial length
+    provenance = {"kind": "recommend", "budget": budget, "selector": d["selector"], "lr": d.get("lr"),
+                  "val_loss": d["val_loss"], "spread": d["spread"], "same_sites": d["same_sites"],
+                  "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
+                  "margin_page": d["margin_page"], "steps": settings.trial_steps * (1 if quick else 3),
+                  "seeds": [0] if quick else [0, 1],
                   "finalists": [{k: f[k] for k in ("selector", "mean", "lo", "hi", "params")} for f in d["finalists"]]}
     strategy = dict(plan.strategy, name="recommended", label=f"recommended-{budget}", source=d["selector"])
     return replace(plan, strategy=strategy, provenance=provenance)
