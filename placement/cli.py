@@ -292,7 +292,6 @@ def demo(run, calibration, train, data, compare, recommend, probe, output):
     with run_folder(run.out, overwrite=run.overwrite):
         lm, tokenizer, source = _load(ModelArgs(), output.quiet)
         comparison, base, chosen = run_demo(lm, tokenizer, source, data.data, splits, study, quick, run.out,
-                                            probe_settings=ProbeSettings(), batches=calibration.batches,
                                             progress=not output.quiet, log=_log(output.quiet))
         base.with_strategy(Strategy("top-k", k=4)).save(Path(run.out) / "profile" / "top4.json")
         _finish(run)

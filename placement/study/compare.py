@@ -23,6 +23,7 @@ from ..outputs import write_csv
 from ..families import get_family
 from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_family, check_arms, parse_arms, ranked_family, read_spectrum, selector_k
+from ..probe.settings import ProbeSettings
 from ..train import evaluate as ev
 from ..train.run import finish_run
 from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerprint, plan_fingerprint, train
@@ -304,10 +305,11 @@ def compare_inputs(arms: str, splits, lr_sweep: bool, sweep_arms: str | None, sc
 
 
 def run_comparison(model, tokenizer, source, data: str, splits, settings: CompareSettings, out: str | Path, *,
-                   base: Plan | None, probe_settings, batches: int, progress: bool = False, log=print,
+                   base: Plan | None, probe_settings=None, batches: int = 8, progress: bool = False, log=print,
                    scores_folder: str | Path | None = None):
-    """The compare study: probe on the training split (or use the given profile's plan), train and evaluate every
-    arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
+    """The compare study: probe on the training split (`batches` batches, `probe_settings` or the defaults) or use
+    the given profile's plan `base` (its spectrum and family rankings read from `scores_folder`), train and evaluate
+    every arm, write the table and the curves. Returns (Comparison, the plan the arms were made from)."""
     from .profile import SPECTRUM_K, run_profile, write_profile
 
     settings.check()
@@ -321,6 +323,7 @@ def run_comparison(model, tokenizer, source, data: str, splits, settings: Compar
         spectrum = read_spectrum(folder) if folder else None
         family_ranking = read_family_ranking(folder) if folder else None
     else:
+        probe_settings = probe_settings or ProbeSettings()
         if any(arm.strategy == "allocate" for arm in settings.arms) and not probe_settings.spectrum_k:
             probe_settings = replace(probe_settings, spectrum_k=SPECTRUM_K)  # allocate arms read the spectrum
         profile = run_profile(model, tokenizer, source, data, batches=batches, batch_size=settings.train.batch_size,

@@ -31,7 +31,7 @@ def quick_recommendation(settings: CompareSettings, n_test: int | None, n_valida
 
 
 def run_demo(model, tokenizer, source, data: str, splits, settings: CompareSettings, recommend: RecommendSettings,
-             out: str | Path, *, probe_settings, batches: int, progress: bool = False, log=print):
+             out: str | Path, *, progress: bool = False, log=print):
     """Recommend at one budget into OUT/recommend, then compare the recommended plan (the arm `recommended`) with
     the comparison's own arms, made from the recommendation's own profile (OUT/profile: one probe, not two).
     Returns (Comparison, the profile's plan, the recommendation at the budget)."""
@@ -42,8 +42,8 @@ def run_demo(model, tokenizer, source, data: str, splits, settings: CompareSetti
     arm = parse_plan_arm(f"recommended={folder / f'plan-{budget}.json'}")  # at its judged rate; the others at --lr
     settings = replace(settings, arms=[arm, *settings.arms])
     comparison, base = run_comparison(model, tokenizer, source, data, splits, settings, out,
-                                      base=Plan.load(profile / "plan.json"), probe_settings=probe_settings,
-                                      batches=batches, progress=progress, log=log, scores_folder=profile)
+                                      base=Plan.load(profile / "plan.json"), progress=progress, log=log,
+                                      scores_folder=profile)
     return comparison, base, {"budget": budget, **chosen}
 
 
