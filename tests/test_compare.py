@@ -213,6 +213,7 @@ def test_the_sweep_tries_the_rates_of_lr_grid(invoke, model_dir, tmp_path):
     (["compare", "--lr-sweep", "--lr-grid", "1e-3,-1e-2"], "every rate must be positive"),
     (["compare", "--lr-sweep", "--lr-grid", "fast"], "not a comma-separated list"),
     (["compare", "--seeds", "0"], "--seeds 0"),
+    (["compare", "--arms", "dominant,ffn", "--reference", "ffm"], "--reference ffm is not an arm"),
     (["train", "--resume"], "no checkpoint"),
     (["train", "--steps", "0"], "--steps"),
 ])

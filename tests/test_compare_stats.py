@@ -88,6 +88,21 @@ def boolean_examples(n):
     return data_mod.to_examples(records)
 
 
+def test_the_reference_arm_is_trained_first_and_every_other_is_tested_against_it(make_plan, tmp_path):
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
+    base = make_plan(model, Strategy("dominant"))
+    splits = data_mod.task_splits(boolean_examples(24), None, test=4, validation=2, seed=0)
+    arms = parse_arms("dominant,top-2,all-linear")
+    settings = CompareSettings(arms, TrainSettings(steps=1, batch_size=4, max_length=48), max_new_tokens=2,
+                               reference="top-2")
+    table = run_compare(model, tokenizer, base, splits, settings, tmp_path / "c", log=lambda line: None).table
+    trained = table[table.arm.isin(["dominant", "top-2", "all-linear"])]
+    assert list(trained.arm) == ["top-2", "dominant", "all-linear"]
+    assert trained.p_eval_loss.isna().tolist() == [True, False, False]  # the reference is not tested against itself
+    with pytest.raises(PlacementError, match="--reference top-3 is not an arm of this comparison: .*top-2"):
+        dataclasses.replace(settings, reference="top-3")
+
+
 def test_a_plan_file_is_an_arm_and_a_resume_refuses_another_kind_under_its_label(make_plan, tmp_path):
     model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
     base = make_plan(model, Strategy("dominant"))

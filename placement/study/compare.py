@@ -62,6 +62,9 @@ class CompareSettings:
         "range": (1, 10 ** 4)})
     sweep_steps: int | None = field(default=None, metadata={  # None: the training's
         "help": "steps of each sweep run (default: --steps)", "range": (1, 10 ** 9)})
+    reference: str | None = field(default=None, metadata={
+        "help": "the arm every other arm is tested against, listed first (default: the first of --arms); an arm "
+                "label or a --plan-arm LABEL"})
     resume: bool = False  # keep the arms an earlier run of the same settings finished
 
     def __post_init__(self) -> None:
@@ -73,6 +76,11 @@ class CompareSettings:
             return float("nan")
         return ev.mean_loss(model, tokenizer, val_set, batch_size=self.eval_batch_size,
                             max_length=self.train.max_length)
+
+    def ordered_arms(self) -> list[Arm]:
+        """The arms in training and table order: the reference first, the others as given."""
+        first = [arm for arm in self.arms if arm.label == self.reference]
+        return first + [arm for arm in self.arms if arm.label != self.reference]
 
     def sweeps(self, arm: Arm) -> bool:
         return self.lr_sweep and (self.sweep_arms is None or arm.label in self.sweep_arms)
@@ -91,6 +99,10 @@ class CompareSettings:
         if not self.lr_sweep and (self.sweep_arms is not None or tuple(self.lrs) != SWEEP_LRS):
             given = "--sweep-arms" if self.sweep_arms is not None else "--lr-grid"
             raise PlacementError(f"{given} only shapes the learning-rate sweep: add --lr-sweep, or drop {given}")
+        labels = [arm.label for arm in self.arms]
+        if self.reference is not None and self.reference not in labels:
+            raise PlacementError(f"--reference {self.reference} is not an arm of this comparison: name one of "
+                                 f"{', '.join(labels)}")
         for arm in self.arms:
             family = get_family(arm_family(arm))
             length = arm.size or (family.size.default if family.size else 0)
@@ -255,8 +267,8 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
         _check_same_kind(arm, [folder] + [folder / f"seed-{k}" for k in range(settings.seeds)])
     rows, curves = _floor_rows(model, tokenizer, splits, settings, eval_kwargs, kind, out, log), {}
     default_k, data_key = selector_k(settings.arms), data_fingerprint(splits[0])
-    first: list[ArmRun] | None = None
-    for arm in tqdm(settings.arms, desc="arms", disable=not progress):
+    first: list[ArmRun] | None = None  # the reference's runs, which every later arm is tested against
+    for arm in tqdm(settings.ordered_arms(), desc="arms", disable=not progress):
         plans = arm_plans(arm, base, model, default_k, settings.seeds, settings.train.seed, data_key,
                           spectrum=spectrum, family_ranking=family_ranking)
         runs = train_arm(model, tokenizer, plans, arm, splits, settings, out / "arms" / arm_folder(arm),
