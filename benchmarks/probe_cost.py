@@ -495,6 +495,7 @@ def parse(argv=None):
     p.add_argument("--skip", nargs="+", default=[], choices=("floor_chunked", "spectrum", "families"),
                    help="timed arms to leave out, to keep a run short")
     p.add_argument("--short-only", action="store_true", help="only the short workload")
+    p.add_argument("--long-only", action="store_true", help="only the long workload")
     p.add_argument("--both-allocators", action="store_true",
                    help="also measure memory under glibc's default allocator settings")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -507,8 +508,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    if args.tiny_only and args.short_only:
-        p.error("--tiny-only and --short-only leave nothing to run")
+    if sum((args.tiny_only, args.short_only, args.long_only)) > 1:
+        p.error("--tiny-only, --short-only and --long-only each leave the others out: pass one of them")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was asked for but no CUDA device is visible")
     if args.threads < 1:
@@ -523,7 +524,8 @@ def main(argv=None) -> int:
         bench.report_to_parent(measure_arm(args))
         return 0
     log = bench.make_log(args.quiet)
-    targets = ["tiny"] if args.tiny_only else ["short"] if args.short_only else ["short", "long"]
+    targets = ["tiny"] if args.tiny_only else ["short"] if args.short_only else ["long"] if args.long_only \
+        else ["short", "long"]
     outcomes: dict[str, Outcome] = {}
     began = time.perf_counter()
     for target in targets:

@@ -17,19 +17,21 @@ def _padded(batch, length, d, seed):
     return torch.randn(batch, length, d, generator=g) * mask[..., None], mask
 
 
-@pytest.mark.parametrize("batch, length, d_in, d_out, chunk_rows, gram_route", [
-    (3, 5, 64, 48, 128, True),  # short sequences: token Grams for everything
-    (6, 40, 8, 6, 40, False),   # long sequences, small maps: G formed, Gram blocks only for the examples
-    (6, 9, 24, 20, 10, True),   # several chunks: cross-chunk blocks counted twice, diagonal blocks once
-    (5, 7, 16, 16, 1, True),    # one example per chunk
+@pytest.mark.parametrize("batch, length, d_in, d_out, chunk_rows, route", [
+    (3, 5, 64, 48, 128, "grams"),    # short sequences: token Grams for everything
+    (6, 40, 8, 6, 40, "blocks"),     # long sequences, small maps: G formed, Gram blocks only for the examples
+    (6, 9, 24, 20, 10, "grams"),     # several chunks: cross-chunk blocks counted twice, diagonal blocks once
+    (5, 7, 16, 16, 1, "grams"),      # one example per chunk
+    (3, 90, 8, 6, 128, "examples"),  # examples past EXAMPLE_ROWS: G summed from each example's own G_i
 ])
-def test_exact_energies_match_direct(batch, length, d_in, d_out, chunk_rows, gram_route):
+def test_exact_energies_match_direct(batch, length, d_in, d_out, chunk_rows, route):
     x, mask = _padded(batch, length, d_in, 0)
     d, _ = _padded(batch, length, d_out, 1)
     layout = scores.batch_layout(mask, chunk_rows=chunk_rows)
     assert layout.tokens == int(mask.sum())
-    total, per, grams = scores.exact_energies(layout.take(d), layout.take(x), layout)
-    assert grams.full == gram_route
+    formed = []
+    total, per, grams = scores.exact_energies(layout.take(d), layout.take(x), layout, formed=formed)
+    assert route == ("examples" if grams is None else "grams" if grams.full else "blocks")
     g_i = torch.einsum("bto,bti->boi", d.double(), x.double())
     assert float(total) == pytest.approx(float(g_i.sum(0).pow(2).sum()), rel=1e-5)
     torch.testing.assert_close(per.double(), g_i.pow(2).sum((1, 2)), rtol=1e-5, atol=0)
@@ -40,6 +42,8 @@ def test_exact_energies_match_direct(batch, length, d_in, d_out, chunk_rows, gra
     assert float(total2) == pytest.approx(float(g2.sum(0).pow(2).sum()), rel=1e-5)
     torch.testing.assert_close(per2.double(), g2.pow(2).sum((1, 2)), rtol=1e-5, atol=0)
     assert again is grams or not grams.full
+    if route != "grams":  # the weight routes hand G itself to the spectrum
+        torch.testing.assert_close(formed[0].double(), g_i.sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_exact_energies_of_one_flat_example():

@@ -129,25 +129,53 @@ def gram_energies(dg: Grams, xg: Grams, layout: Layout) -> tuple[torch.Tensor | 
     return total, per
 
 
+# The weight route's per-example energies can come from each example's own G_i, summed into G: the same GEMM work
+# as forming G at once, plus a weight-sized add and norm per example, which are memory-bound and counted as this many
+# multiply-adds per element. Examples shorter than EXAMPLE_ROWS rows make GEMMs too thin for that to pay.
+ADD_COST = 4
+EXAMPLE_ROWS = 64
+
+
+def weight_route(layout: Layout, d_in: int, d_out: int, x_width: float) -> tuple[float, bool]:
+    """(multiply-adds of the weight route, whether it forms G one example at a time). G is formed once, and each
+    example's ||G_i||^2 comes from the diagonal Gram blocks, or G is summed from the examples' own G_i, whose norms
+    are those energies; whichever costs less (`x_width`: x's share of the Gram blocks' width)."""
+    base = layout.tokens * d_in * d_out
+    if layout.examples == 1:
+        return base, False
+    by_blocks = gram_macs(layout, d_out + x_width, False)
+    by_examples = ADD_COST * layout.examples * d_in * d_out
+    per_example = by_examples < by_blocks and layout.tokens >= EXAMPLE_ROWS * layout.examples
+    return base + (by_examples if per_example else by_blocks), per_example
+
+
+def example_bounds(layout: Layout) -> list[tuple[int, int]]:
+    """[start, end) of each example's kept rows (rows are in example order)."""
+    ends = torch.bincount(layout.example, minlength=layout.examples).cumsum(0).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
 def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_grams: Grams | None = None,
                    readers: int = 1, formed: list | None = None) -> tuple[torch.Tensor, torch.Tensor, Grams | None]:
     """(||G||^2, ||G_i||^2 per example, the x Gram blocks used, if any) for kept rows d (N, d_out) and x (N, d_in).
 
     ||G||^2 takes whichever route costs fewer multiply-adds: the full token Grams, or G formed once (transiently)
-    with only the diagonal Gram blocks for the per-example energies. The x Grams are shared by `readers` sites,
-    so their cost is split among them, and nothing when they are already there. With x None, only its full
-    Grams are at hand, and they are used.
+    with the diagonal Gram blocks or the examples' own G_i for the per-example energies (`weight_route`). The x
+    Grams are shared by `readers` sites, so their cost is split among them, and nothing when they are already
+    there. With x None, only its full Grams are at hand, and they are used.
     """
     n, d_out = d.shape
+    by_examples = False
     if x is None:
         full = True
     else:
         d_in = x.shape[1]
         x_width = 0.0 if x_grams is not None and x_grams.full else d_in / max(readers, 1)
-        per_example = 0 if layout.examples == 1 else gram_macs(layout, d_out + x_width, False)
-        full = gram_macs(layout, d_out + x_width, True) <= n * d_in * d_out + per_example
+        weights, by_examples = weight_route(layout, d_in, d_out, x_width)
+        full = gram_macs(layout, d_out + x_width, True) <= weights
+        by_examples = by_examples and not full
     total = None
-    if full or layout.examples > 1:  # one example's own energy is the total: it needs no Gram blocks
+    if full or (layout.examples > 1 and not by_examples):  # one example's own energy is the total
         if x_grams is None or (full and not x_grams.full):
             x_grams = token_grams(x, layout, full)
         d_grams = token_grams(d, layout, full)
@@ -155,7 +183,10 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
         if formed is not None and full:  # the spectrum reads d's full Grams or G, whichever was formed
             formed.append(d_grams)
     if total is None:  # the weight route: G formed once, transiently
-        g = d.t() @ x
+        if by_examples:
+            g, per = example_gradients(d, x, layout)
+        else:
+            g = d.t() @ x
         total = torch.linalg.vector_norm(g).square()
         if formed is not None:
             formed.append(g)
@@ -164,14 +195,25 @@ def exact_energies(d: torch.Tensor, x: torch.Tensor | None, layout: Layout, x_gr
     return total, per, x_grams
 
 
+def example_gradients(d: torch.Tensor, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G = sum_i G_i, ||G_i||^2 per example) with G_i = d_i^T x_i formed one example at a time."""
+    g = torch.zeros(d.shape[1], x.shape[1], dtype=torch.promote_types(d.dtype, x.dtype), device=d.device)
+    per = torch.zeros(layout.examples, dtype=torch.float32, device=d.device)
+    for i, (s, e) in enumerate(example_bounds(layout)):
+        if e > s:
+            g_i = d[s:e].t() @ x[s:e]
+            per[i] = torch.linalg.vector_norm(g_i).square()
+            g += g_i
+    return g, per
+
+
 def keep_grams(layout: Layout, d_in: int, d_outs: list[int]) -> bool:
     """Whether an input read by sites of these widths is better kept as its full token Grams than as x itself:
     when they are smaller than x and the Gram route is the cheaper one for its readers taken together."""
     if sum((e - s) * (layout.tokens - s) for s, e in layout.chunks) >= layout.tokens * d_in:
         return False
     by_grams = gram_macs(layout, d_in + sum(d_outs), True)
-    by_weights = sum(layout.tokens * d_in * d_out for d_out in d_outs) + \
-        gram_macs(layout, d_in + sum(d_outs), False)
+    by_weights = sum(weight_route(layout, d_in, d_out, d_in / len(d_outs))[0] for d_out in d_outs)
     return by_grams <= by_weights
 
 
