@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     dominant, probe_seconds = dominant_plan(work, args)
     plans = {"dominant": dominant, "all-linear": dominant.with_strategy(Strategy("all-linear"))}
     out = Outcome(work, plans, dominant_layer(dominant), num_layers(work.model), probe_seconds)
-    log(f"dominant site {dominant.targets[0]}; timing {len(ARMS)} arms, {args.rounds} rounds")
+    log(f"dominant site {dominant.targets[0]}; timing {len(chosen_arms(args))} arms, {args.rounds} rounds")
     time_rounds(work, plans, args, out, log)
     work.model = None  # free it before the memory children load their own copy
     gc.collect()
