@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import rank_and_world
 from ..errors import PlacementError
+from ..model.checkpointing import disable_checkpointing, enable_checkpointing
 from ..model.loss import token_loss
 from ..model.sites import Site, find_blocks, modules_by_name
 from .buffers import Accumulator
@@ -98,7 +99,7 @@ class Probe:
             if blocks:
                 # HF checkpoints a block only while `block.training`; set it on the blocks alone so that every
                 # dropout inside stays off and the scores stay those of eval mode.
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(model)
                 for block in blocks:
                     block.training = True
             handles = [m.register_forward_hook(self._forward_hook(st)) for m, st in zip(self.modules, self.states)]
@@ -108,7 +109,7 @@ class Probe:
                 for h in handles:
                     h.remove()
                 if blocks:
-                    model.gradient_checkpointing_disable()
+                    disable_checkpointing(model)
 
     def _batch(self, batch) -> int:
         """One calibration batch: forward, backward (the hooks score every site), close the batch."""

@@ -24,6 +24,7 @@ from ..errors import PlacementError
 from ..families import adapters
 from ..families.lora import MUTATES_BASE, variant_of
 from ..measure import PeakMemory
+from ..model.checkpointing import enable_checkpointing
 from ..model.loss import SummedTokenLoss, token_loss
 from ..model.shard import shard
 from ..plan.plan import Plan
@@ -225,9 +226,8 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
                                         max_length=settings.max_length, seed=settings.seed)
     peft_model = apply_plan(model, plan, settings.seed)
     initial = initial_adapter(peft_model)
-    if settings.checkpointing:  # non-reentrant: blocks need no input that requires grad; the base stays frozen
-        adapters.base_of(peft_model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.checkpointing:
+        enable_checkpointing(adapters.base_of(peft_model))
     root = shard(peft_model) if settings.fsdp else None  # before the optimizer: FSDP2 swaps in sharded parameters
     params, optimizer, schedule = _optimiser(peft_model, settings)
     ledger = run_ledger(out) if out is not None and ledger is None else ledger
