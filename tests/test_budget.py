@@ -58,6 +58,14 @@ def test_order_rules_follow_the_score_direction():
     assert pick("params", rows, params, max_params=70, r=1).targets == ["l0.up", "l0.down"]
 
 
+def test_snr_takes_the_best_of_each_role_before_any_role_twice():
+    rows = _rows()
+    snr = {"l0.q": 8, "l1.q": 9, "l0.up": 3, "l1.up": 0.5, "l0.down": 1, "l1.down": float("nan")}
+    # highest first would take both q sites (9, 8) and then l0.up; Spectrum's round takes l1.q, l0.up and l0.down
+    assert pick("snr", rows, snr, max_params=80, r=1).targets == ["l0.up", "l0.down", "l1.q"]
+    assert pick("snr", rows, snr, max_params=96, r=1).targets == ["l0.q", "l0.up", "l0.down", "l1.q"]  # round 2
+
+
 def test_role_rules_take_the_largest_uniform_rank_that_fits_or_skip():
     rows = _rows()
     down = pick("down", rows, None, max_params=200, r=8)

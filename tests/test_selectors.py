@@ -150,3 +150,18 @@ def test_sites_of_another_model_are_refused(llama, gpt2):
         snr_scores(model, other_sites)
     with pytest.raises(PlacementError, match="find_sites on this model"):
         kappa_targets(model, other_sites, 1)
+
+
+def test_the_snr_selector_at_a_budget_is_spectrums_pick(llama):
+    """`recommend`'s snr selector, given exactly the parameters of Spectrum's first round, plans those sites."""
+    from placement.families.lora import lora_params
+    from placement.plan.budget import pick
+
+    model, sites = llama
+    rows = [s.to_row() for s in sites]
+    n_roles = len({s.role for s in sites})
+    for k in (3, n_roles, n_roles + 2):
+        spectrum = snr_targets(model, sites, k)
+        by_site = {row["site"]: row for row in rows}
+        budget = sum(lora_params(by_site[name], 8) for name in spectrum)
+        assert pick("snr", rows, snr_scores(model, sites), budget, 8).targets == spectrum

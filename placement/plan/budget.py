@@ -5,7 +5,9 @@ selector is a score and a rule:
 
 - every energy of the score registry (non-negative, additive over sites: page, grad_energy, fisher, lookahead,
   lora_drop, act_norm, ...): greedily by score per trainable parameter at rank r;
-- every order-only score of the weights (kappa, snr, params): in the score's own direction (kappa lowest first);
+- every order-only score of the weights (kappa, params): in the score's own direction (kappa lowest first);
+- `snr` in Spectrum's own order, as the `snr` arm takes it: the best site of each role, then the second best of
+  each, and so on, strongest first within a round (a plan of one role's cheapest sites is not Spectrum's pick);
 - either way a site that does not fit is skipped, and ties go to model order;
 - `page_opt` takes `allocate`'s per-site ranks (captured gradient energy under the budget);
 - role selectors (`down`, `ffn`): every site of the role at the largest uniform rank that fits, skipped where rank 1
@@ -31,13 +33,15 @@ RECOMMENDATION = "recommendation.md"
 DECISION = "recommendation.json"
 # a score whose selector takes allocate's per-site ranks from the probe's gradient spectrum instead of one rank
 ALLOCATED = {"page_opt"}
+# order-only scores taken best of each role first, round by round, as their source picks them (Spectrum)
+PER_ROLE = {"snr"}
 
 
 @dataclass(frozen=True)
 class Selector:
     name: str
     help: str
-    rule: str  # energy, order, allocate, role
+    rule: str  # energy, order, per-role, allocate, role
     score: str | None = None  # the score it reads (None for role rules)
     ascending: bool = False  # order rule: lowest first (kappa)
     roles: frozenset = frozenset()
@@ -85,7 +89,8 @@ def score_selector(name: str) -> Selector | None:
         rule = "allocate" if name in ALLOCATED else "energy"
         return Selector(name, f"greedy by {name} per trainable parameter: {score.help}", rule, name)
     if score.needs == "weights":
-        return Selector(name, score.help, "order", name, ascending=not score.higher_is_better)
+        rule = "per-role" if name in PER_ROLE else "order"
+        return Selector(name, score.help, rule, name, ascending=not score.higher_is_better)
     return None
 
 
@@ -184,6 +189,19 @@ def order_pick(rows, scores, max_params, r, ascending: bool) -> dict[str, int]:
     return _greedy(order, max_params, r)
 
 
+def per_role_pick(rows, scores, max_params, r) -> dict[str, int]:
+    """Spectrum's order (`selectors.snr_targets`): round k holds every role's k-th best site, strongest first within
+    the round; greedy in that order, a site that does not fit skipped."""
+    by_role: dict[str, list[dict]] = {}
+    for row in sorted(_model_order(rows), key=lambda row: -_score_of(scores, row["site"])):
+        by_role.setdefault(row["role"], []).append(row)
+    order = []
+    for depth in range(max(map(len, by_role.values()), default=0)):
+        order += sorted((sites[depth] for sites in by_role.values() if depth < len(sites)),
+                        key=lambda row: -_score_of(scores, row["site"]))
+    return _greedy(order, max_params, r)
+
+
 def role_pick(rows, roles, max_params) -> tuple[dict[str, int], str | None]:
     chosen = [row for row in _model_order(rows) if row["role"] in roles]
     if not chosen:
@@ -208,6 +226,8 @@ def pick(selector: Selector | str, rows: list[dict], scores: dict[str, float] | 
         ranks = allocate_ranks(spectrum, rows, max_params, max_rank=max(64, r))
     elif selector.rule == "order":
         ranks = order_pick(rows, scores or {}, max_params, r, selector.ascending)
+    elif selector.rule == "per-role":
+        ranks = per_role_pick(rows, scores or {}, max_params, r)
     else:
         ranks = energy_pick(rows, scores or {}, max_params, r)
     if not ranks and skipped is None:
