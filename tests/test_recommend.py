@@ -115,6 +115,21 @@ def test_decision_prefers_fewer_parameters_within_the_spread():
 
 
 @pytest.mark.slow
+def test_an_overwritten_recommendation_trains_its_trials_anew(invoke, model_dir, data_file, tmp_path):
+    """The replaced run's trial store is removed before the new one opens it, so no result of the old run (here
+    from another data split) is taken for one of the new run's trials."""
+    out, quick = tmp_path / "rec", ["--budget", "40%", "--rungs", "1", "--selectors", "page,params"]
+    first = invoke("recommend", "--model", model_dir, "--data", data_file, "--out", out, *FAST, *quick)
+    assert first.exit_code == 0, first.output
+    before = pd.read_csv(out / "trials.csv")
+    again = invoke("recommend", "--model", model_dir, "--data", data_file, "--out", out, "--overwrite", "--seed", "1",
+                   *FAST, *quick)
+    assert again.exit_code == 0, again.output
+    after = pd.read_csv(out / "trials.csv")
+    assert len(after) == len(before) and not (after.val_loss.to_numpy() == before.val_loss.to_numpy()).any()
+
+
+@pytest.mark.slow
 def test_recommend_end_to_end_and_join_on_a_finished_run(invoke, model_dir, data_file, tmp_path):
     out = tmp_path / "rec"
     result = invoke("recommend", "--model", model_dir, "--data", data_file, "--budget", "20%,40%", "--out", out,

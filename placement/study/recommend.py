@@ -235,6 +235,12 @@ def save_run(folder: Path, source_name: str, data: str, settings: RecommendSetti
 
 
 def open_queue(folder: Path, storage: str | None, create: bool, resume: bool = False, log=print) -> tq.TrialQueue:
+    if create and storage is None and not resume:
+        from ..ledger import open_ledger
+
+        ledger = open_ledger(tq.default_storage(folder))
+        if ledger is not None:  # an overwritten run's trials are not this run's: its store goes before it opens
+            ledger.remove(tq.default_storage(folder))
     queue = tq.TrialQueue(storage or tq.default_storage(folder), create=create)
     if resume:
         done, stale = len(queue.results()), queue.reset_running()
