@@ -27,6 +27,7 @@ from ..errors import PlacementError
 from ..families.lora import lora_params
 from ..model.sites import ROLES
 from ..probe.registry import SCORES
+from .selectors import role_rounds
 from .strategies import FFN, allocate_ranks
 
 RECOMMENDATION = "recommendation.md"
@@ -190,16 +191,15 @@ def order_pick(rows, scores, max_params, r, ascending: bool) -> dict[str, int]:
 
 
 def per_role_pick(rows, scores, max_params, r) -> dict[str, int]:
-    """Spectrum's order (`selectors.snr_targets`): round k holds every role's k-th best site, strongest first within
-    the round; greedy in that order, a site that does not fit skipped."""
-    by_role: dict[str, list[dict]] = {}
-    for row in sorted(_model_order(rows), key=lambda row: -_score_of(scores, row["site"])):
-        by_role.setdefault(row["role"], []).append(row)
-    order = []
-    for depth in range(max(map(len, by_role.values()), default=0)):
-        order += sorted((sites[depth] for sites in by_role.values() if depth < len(sites)),
-                        key=lambda row: -_score_of(scores, row["site"]))
-    return _greedy(order, max_params, r)
+    """Spectrum's order (`selectors.role_rounds`, as `snr_targets` takes it): round k holds every role's k-th best
+    site, strongest first within the round, ties in model order; greedy in that order, a site that does not fit
+    skipped."""
+    ordered = _model_order(rows)
+    position = {row["site"]: i for i, row in enumerate(ordered)}
+    by_site = {row["site"]: row for row in ordered}
+    names = role_rounds(list(by_site), {row["site"]: row["role"] for row in ordered},
+                        lambda name: (-_score_of(scores, name), position[name]))
+    return _greedy([by_site[name] for name in names], max_params, r)
 
 
 def role_pick(rows, roles, max_params) -> tuple[dict[str, int], str | None]:

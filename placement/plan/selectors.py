@@ -12,6 +12,7 @@ figures they take the top of are registered scores (`probe.weights`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from torch import nn
@@ -66,18 +67,18 @@ def snr_targets(model: nn.Module, sites: list[Site], k: int) -> list[str]:
         value = scores[name]
         return (-value if not math.isnan(value) else math.inf, position[name])
 
-    by_role: dict[str, list[str]] = {}
-    for site in sorted(sites, key=lambda s: _role_index(s.role)):
-        by_role.setdefault(site.role, []).append(site.name)
-    ranked_by_role = [sorted(names, key=strongest_first) for names in by_role.values()]
-
-    picked: list[str] = []
-    for depth in range(max(len(names) for names in ranked_by_role)):
-        round_ = [names[depth] for names in ranked_by_role if depth < len(names)]
-        picked.extend(sorted(round_, key=strongest_first))
-        if len(picked) >= k:
-            break
+    picked = role_rounds([s.name for s in sites], {s.name: s.role for s in sites}, strongest_first)
     return _in_model_order(sites, picked[:k])
+
+
+def role_rounds(names: list[str], role_of: dict[str, str], key) -> list[str]:
+    """Spectrum's order: round k holds every role's k-th site by `key`, and each round is in `key` order too; a role
+    with fewer sites drops out of later rounds. `key` must order every name (ties broken, e.g. by position)."""
+    by_role: dict[str, list[str]] = {}
+    for name in sorted(names, key=key):
+        by_role.setdefault(role_of[name], []).append(name)
+    rounds = itertools.zip_longest(*by_role.values())
+    return [name for round_ in rounds for name in sorted((n for n in round_ if n is not None), key=key)]
 
 
 def _linear_stand_ins(model: nn.Module, sites: list[Site]) -> nn.Module:
