@@ -11,6 +11,7 @@ import pandas as pd
 from ..outputs import write_csv, write_json, write_text
 from ..plan.budget import DECISION, RECOMMENDATION, plan_file, recommended_path
 from ..plan.plan import Plan
+from .rungs import final_rung
 
 
 def trials_frame(results: dict, full: int) -> pd.DataFrame:
@@ -72,8 +73,9 @@ def _number(value, fmt: str = ".4f") -> str:
 
 
 def markdown(decision: dict, full: int, settings) -> str:
-    runs = (f"after {3 * settings.trial_steps} steps, mean over seeds 0 and 1 (spread: max - min)"
-            if settings.rungs > 1 else f"after {settings.trial_steps} steps of rung 0, seed 0 alone (no spread)")
+    steps, seeds = final_rung(settings)
+    runs = (f"after {steps} steps, mean over seeds {' and '.join(map(str, seeds))} (spread: max - min)"
+            if len(seeds) > 1 else f"after {steps} steps of rung 0, seed 0 alone (no spread)")
     lines = ["# Recommendation", "",
              f"Validation loss {runs}; "
              f"budgets in percent of all-linear LoRA at r={settings.r} ({full:,} parameters). Within the best's "
@@ -114,12 +116,11 @@ def pareto(frame: pd.DataFrame, decision: dict, path) -> None:
 
 def recommended(plan: Plan, budget: str, d: dict, settings) -> Plan:
     """The plan of the budget's winner, with how it was judged: its rate, trial length and seeds, its margins."""
-    quick = settings.rungs == 1  # rung 0 alone: one seed at the trial length
+    steps, seeds = final_rung(settings)
     provenance = {"kind": "recommend", "budget": budget, "selector": d["selector"], "lr": d.get("lr"),
                   "val_loss": d["val_loss"], "spread": d["spread"], "same_sites": d["same_sites"],
                   "runner_up": d["runner_up"], "margin_runner_up": d["margin_runner_up"],
-                  "margin_page": d["margin_page"], "steps": settings.trial_steps * (1 if quick else 3),
-                  "seeds": [0] if quick else [0, 1],
+                  "margin_page": d["margin_page"], "steps": steps, "seeds": list(seeds),
                   "finalists": [{k: f[k] for k in ("selector", "mean", "lo", "hi", "params")} for f in d["finalists"]]}
     strategy = dict(plan.strategy, name="recommended", label=f"recommended-{budget}", source=d["selector"])
     return replace(plan, strategy=strategy, provenance=provenance)

@@ -17,6 +17,7 @@ from ..plan.plan import Plan
 from . import trials as tq
 
 ETA = 3
+RUNG1_SEEDS = (0, 1)
 
 
 # -- the schedule: a pure function of the finished trials ------------------------------------------------------
@@ -69,10 +70,17 @@ def schedule(results: dict, entries: dict, settings) -> list[dict] | None:
     if settings.rungs < 2:
         return None
     rung1 = [_key("rung1", sel, b, seed, ETA * t, rates[b])
-             for b, sels in promoted(results, entries, rates, settings).items() for sel in sels for seed in (0, 1)]
+             for b, sels in promoted(results, entries, rates, settings).items() for sel in sels for seed in RUNG1_SEEDS]
     if any(tq.key_text(k) not in results for k in rung1):
         return rung1
     return None
+
+
+def final_rung(settings) -> tuple[int, tuple[int, ...]]:
+    """(steps, seeds) of the trials a decision reads: rung 1's, or rung 0's when the run stops there."""
+    if settings.rungs < 2:
+        return settings.trial_steps, (0,)
+    return ETA * settings.trial_steps, RUNG1_SEEDS
 
 
 def trial_count(entries: dict, settings) -> tuple[int, int]:
