@@ -44,9 +44,9 @@ class CompareSettings:
         "help": "comma-separated: {arms}", "show": lambda arms: ",".join(arm.label for arm in arms)})
     train: TrainSettings = field(default_factory=TrainSettings)
     plan_arms: tuple[str, ...] = field(default=(), metadata={  # LABEL=PATH, read into `arms` by compare_inputs
-        "help": "a plan file trained as one more arm, named LABEL: LABEL=PATH (repeatable); a plan "
-                "written by recommend is trained at the rate it was judged at unless the arm is swept", "option": "--plan-arm",
-        "many": True})
+        "help": "a plan file trained as one more arm, named LABEL: LABEL=PATH (repeatable); a plan written by "
+                "recommend is trained at the rate it was judged at unless the arm is swept",
+        "option": "--plan-arm", "many": True})
     lr_sweep: bool = field(default=False, metadata={
         "help": "sweep 1e-4 .. 1e-2 per arm on seed 0 by validation loss (one step past an edge)"})
     sweep_arms: list[str] | None = field(default=None, metadata={  # labels; None sweeps every arm
@@ -147,7 +147,7 @@ def _arm_key(plan: Plan, settings: CompareSettings, arm: Arm, seed: int, splits)
                         "train_data": data_fingerprint(train_set), "test_data": data_fingerprint(test_set),
                         "max_new_tokens": settings.max_new_tokens}
                        | ({"plan_file": arm.digest} if isinstance(arm, PlanArm) else {})
-                       | ({"arm_lr": _own_rate(arm)} if _own_rate(arm) is not None else {}))
+                       | ({"arm_lr": own} if (own := _own_rate(arm)) is not None else {}))
 
 
 def _own_rate(arm: Arm) -> float | None:

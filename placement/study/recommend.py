@@ -235,23 +235,20 @@ def save_run(folder: Path, source_name: str, data: str, settings: RecommendSetti
 
 
 def open_queue(folder: Path, storage: str | None, create: bool, resume: bool = False, log=print) -> tq.TrialQueue:
-    if create and storage is None and not resume:
+    ledger = None
+    if create and storage is None:  # the run's own file: replaced with the run, kept by --resume
         from ..ledger import open_ledger
 
         ledger = open_ledger(tq.default_storage(folder))
-        if ledger is not None:  # an overwritten run's trials are not this run's: its store goes before it opens
+        if ledger is not None and not resume:  # an overwritten run's trials are not this run's: its store goes first
             ledger.remove(tq.default_storage(folder))
     queue = tq.TrialQueue(storage or tq.default_storage(folder), create=create)
     if resume:
         done, stale = len(queue.results()), queue.reset_running()
         log(f"resume     {done} trials kept" + (f", {stale} a stopped worker left running run again" if stale
                                                   else ""))
-    if create and storage is None:
-        from ..ledger import open_ledger
-
-        ledger = open_ledger(tq.default_storage(folder))
-        if ledger is not None:  # the run's own file: replaced with the run, kept by --resume
-            ledger.add(tq.default_storage(folder))
+    if ledger is not None:
+        ledger.add(tq.default_storage(folder))
     return queue
 
 
