@@ -199,7 +199,7 @@ def run_plain(job: Job, plan_name: str) -> ArmRun:
         model = get_peft_model(job.model, job.plans[plan_name].lora_config())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    schedule = get_linear_schedule_with_warmup(optimizer, settings.warmup_span(), settings.steps)
     model.train()
     clock, losses = bench.StepClock(job.device), []
     for batch in job.batches:

@@ -219,9 +219,9 @@ def train_cmd(job, model, data, train, evaluation, rank, adapter, run, output, l
 
 @main.command()
 @settings(model=ModelArgs, data=DataArgs,
-          train=use(TrainSettings, "steps", "checkpointing", "lr", *BATCHING),
+          train=use(TrainSettings, "steps", "checkpointing", "lr", "warmup_steps", "schedule", *BATCHING),
           compare=use(CompareSettings, "max_new_tokens", "arms", "plan_arms", "reference", "lr_sweep", "lrs",
-                      "sweep_arms", "sweep_steps", "seeds", build=False),
+                      "sweep_arms", "sweep_steps", "seeds", "eval_at", build=False),
           probe=use(ProbeSettings, "r", "alpha"), calibration=CalibrationArgs, adapter=AdapterArgs,
           run=use(RunArgs, *RUN, "resume"), output=OutputArgs, launch=LaunchArgs)
 @launchable
@@ -235,7 +235,8 @@ def compare(model, data, train, compare, probe, calibration, adapter, run, outpu
                                        compare.max_new_tokens, adapter.variant, compare.plan_arms)
     study = CompareSettings(arms, train, lr_sweep=compare.lr_sweep, sweep_arms=swept, seeds=compare.seeds,
                                lrs=parse_rates(compare.lrs), max_new_tokens=compare.max_new_tokens,
-                               sweep_steps=compare.sweep_steps, reference=compare.reference, resume=run.resume)
+                               sweep_steps=compare.sweep_steps, reference=compare.reference, eval_at=compare.eval_at,
+                               resume=run.resume)
     comparison, base = _comparison(run, model, output, study, data=data.data, splits=splits, base=base,
                                    probe=probe, batches=calibration.batches, scores=calibration.scores)
     _emit({"dominant_site": base.dominant_site, "out": run.out, "rows": comparison.table.to_dict("records")},

@@ -323,3 +323,48 @@ def test_an_interval_over_few_seeds_stays_within_what_the_measure_can_take():
     assert lo == 0.0 and hi > 2.9
     lo, _, _ = arm_interval(grid, [0.3, 0.31, 0.32], binary=True, top=1.0)
     assert lo == pytest.approx(0.31 - 4.303 * 0.01 / 3**0.5, abs=1e-3)
+
+
+def test_a_learning_curve_from_one_run_matches_the_shorter_run_and_resumes(make_plan, tmp_path):
+    """--eval-at: each run is evaluated part-way. Under a constant rate after a fixed warm-up the adapter at step 2
+    of a 4-step run is the adapter a 2-step run ends with, so their test results agree question by question."""
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
+    base = make_plan(model, Strategy("dominant"))
+    splits = data_mod.task_splits(boolean_examples(30), None, test=5, validation=3, seed=0)
+    train = TrainSettings(steps=4, batch_size=4, max_length=48, lr=3e-2, warmup_steps=1, schedule="constant")
+    settings = CompareSettings(parse_arms("ffn"), train, seeds=2, max_new_tokens=4, eval_at=(2,))
+    long = run_compare(model, tokenizer, base, splits, settings, tmp_path / "long", log=lambda line: None)
+    short = run_compare(model, tokenizer, base, splits, replace(settings, eval_at=None, train=replace(train, steps=2)),
+                        tmp_path / "short", log=lambda line: None)
+    curve = long.steps.set_index("step")
+    assert list(curve.index) == [2, 4] and set(long.steps["arm"]) == {"ffn"} and (curve["seeds"] == 2).all()
+    at_two = short.table.set_index("arm").loc["ffn"]
+    assert curve.loc[2, "eval_loss"] == pytest.approx(at_two["eval_loss"], rel=1e-5)
+    assert curve.loc[4, "eval_loss"] == pytest.approx(long.table.set_index("arm").loc["ffn", "eval_loss"])
+    assert curve.loc[4, "eval_loss"] != pytest.approx(curve.loc[2, "eval_loss"])
+    for seed in (0, 1):
+        mid = pd.read_csv(tmp_path / "long" / "arms" / "ffn" / f"seed-{seed}" / "predictions-step-2.csv")
+        end = pd.read_csv(tmp_path / "short" / "arms" / "ffn" / f"seed-{seed}" / "predictions.csv")
+        assert list(mid["output"].astype(str)) == list(end["output"].astype(str))
+        np.testing.assert_allclose(mid["loss"], end["loss"], rtol=1e-5)
+    write_comparison(long, tmp_path / "long", title="tiny")
+    assert (tmp_path / "long" / "steps.png").stat().st_size > 0
+    assert list(pd.read_csv(tmp_path / "long" / "steps.csv")["step"]) == [2, 4]
+    kept = []
+    again = run_compare(model, tokenizer, base, splits, replace(settings, resume=True), tmp_path / "long",
+                        log=kept.append)
+    assert sum("kept from the earlier run" in line for line in kept) == 2
+    pd.testing.assert_frame_equal(again.steps, long.steps)
+
+
+def test_the_constant_schedule_holds_the_rate_after_its_warm_up(make_plan):
+    from placement.train import train
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2).requires_grad_(False), tiny_tokenizer()
+    plan = make_plan(model, Strategy("dominant"))
+    examples = boolean_examples(16)
+    run = train(model, tokenizer, plan, examples, TrainSettings(steps=5, batch_size=4, max_length=48, lr=1e-2,
+                                                                warmup_steps=2, schedule="constant"))
+    assert run.lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2, 1e-2])
+    assert TrainSettings(steps=40).record() == TrainSettings(steps=40, warmup_steps=None, schedule="linear").record()
+    assert "schedule" not in TrainSettings().record() and TrainSettings(schedule="constant").record()["schedule"]

@@ -127,6 +127,42 @@ def loss_curves(curves: dict[str, list[float]], table: pd.DataFrame | None, path
     _save(fig, path)
 
 
+def step_curves(steps: pd.DataFrame, table: pd.DataFrame | None, path, title: str = "") -> None:
+    """Quality against training steps, one line per arm through the steps its runs were evaluated at: the mean over
+    seeds with its 95% interval as a band (none with two seeds), each seed a faint dot; the untrained base a line."""
+    metric = "exact_match" if steps["exact_match"].notna().any() else "eval_loss"
+    scale = 100 if metric == "exact_match" else 1
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    arms = list(dict.fromkeys(steps["arm"]))
+    colours = _palette(len(arms))
+    for i, arm in enumerate(arms):
+        rows = steps[steps["arm"] == arm].sort_values("step")
+        x = rows["step"].to_numpy(dtype=float)
+        ax.plot(x, scale * rows[metric], color=colours(i), marker="o", linewidth=1.8, label=arm)
+        lo, hi = rows[f"{metric}_lo"].to_numpy(dtype=float), rows[f"{metric}_hi"].to_numpy(dtype=float)
+        if np.isfinite(lo).any():
+            ax.fill_between(x, scale * lo, scale * hi, color=colours(i), alpha=0.15, linewidth=0)
+        if metric == "exact_match":
+            for step, seeds in zip(x, rows["exact_match_per_seed"].fillna("").astype(str)):
+                values = [float(v) for v in seeds.split("|") if v]
+                ax.scatter([step] * len(values), values, color=colours(i), s=10, alpha=0.45, zorder=1)
+    base = table[table["arm"] == "base"] if table is not None else pd.DataFrame()
+    if len(base) and pd.notna(base[metric].iloc[0]):
+        ax.axhline(scale * base[metric].iloc[0], color="#777", linestyle="--", linewidth=1, label="base")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(steps["step"].astype(int)))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("training steps (one run per arm and seed, evaluated part-way)")
+    ax.set_ylabel("exact match on the test split (%)" if metric == "exact_match" else "held-out loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    ax.set_title("quality against training steps: mean over seeds, 95% interval, seeds as dots", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _palette(count: int):
     """A colour per arm: tab10 while it has one for each, tab20 beyond (twice as many, in light/dark pairs)."""
     name, size = ("tab10", 10) if count <= 10 else ("tab20", 20)

@@ -12,7 +12,7 @@ import copy
 import gc
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,14 +25,16 @@ from ..plan.plan import Plan
 from ..plan.strategies import Arm, arm_family, check_arms, parse_arms, ranked_family, read_spectrum, selector_k
 from ..probe.settings import ProbeSettings
 from ..train import evaluate as ev
+from ..train.checkpoints import run_ledger
 from ..train.run import finish_run
 from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerprint, plan_fingerprint, train
 from .arms import (PlanArm, arm_folder, arm_kind, arm_plan, arm_plans, code_record, family_rankings,  # noqa: F401
                    read_arms, read_family_ranking, with_default_variant)
-from .tables import (TABLE_COLUMNS, ArmRun, Comparison, arm_row, demo_summary, em_text, formatted_table,  # noqa: F401
-                     notes, row, statistics, variant_note, write_comparison)
+from .tables import (STEP_COLUMNS, TABLE_COLUMNS, ArmRun, Comparison, arm_row, demo_summary, em_text,  # noqa: F401
+                     formatted_table, notes, row, statistics, step_rows, variant_note, write_comparison)
 
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+STEP_VALUES = ("eval_loss", "exact_match", "val_loss")  # what steps.csv records at each evaluated step
 
 
 @dataclass
@@ -62,6 +64,11 @@ class CompareSettings:
         "range": (1, 10 ** 4)})
     sweep_steps: int | None = field(default=None, metadata={  # None: the training's
         "help": "steps of each sweep run (default: --steps)", "range": (1, 10 ** 9)})
+    eval_at: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "comma-separated steps before --steps at which each run is also evaluated on the test split: a "
+                "learning curve from one run per arm and seed (steps.csv, steps.png); with --schedule constant "
+                "the adapter at step N is the one an N-step run ends with", "parse": lambda text: parse_steps(text),
+        "show": lambda steps: None if not steps else ",".join(map(str, steps))})
     reference: str | None = field(default=None, metadata={
         "help": "the arm every other arm is tested against, listed first (default: the first of --arms); an arm "
                 "label or a --plan-arm LABEL"})
@@ -99,6 +106,10 @@ class CompareSettings:
         if not self.lr_sweep and (self.sweep_arms is not None or tuple(self.lrs) != SWEEP_LRS):
             given = "--sweep-arms" if self.sweep_arms is not None else "--lr-grid"
             raise PlacementError(f"{given} only shapes the learning-rate sweep: add --lr-sweep, or drop {given}")
+        late = [s for s in self.eval_at or () if s >= self.train.steps]
+        if late:
+            raise PlacementError(f"--eval-at {late[0]} is not before the last step: the run is evaluated at --steps "
+                                 f"{self.train.steps} anyway; pass earlier steps")
         labels = [arm.label for arm in self.arms]
         if self.reference is not None and self.reference not in labels:
             raise PlacementError(f"--reference {self.reference} is not an arm of this comparison: name one of "
@@ -142,12 +153,13 @@ def choose_lr(model, tokenizer, plan: Plan, splits, settings: CompareSettings, p
 def _arm_key(plan: Plan, settings: CompareSettings, arm: Arm, seed: int, splits) -> str:
     """What an arm's result depends on; an earlier run with the same key is kept by --resume."""
     train_set, _, test_set = splits
-    return fingerprint({"plan": plan_fingerprint(plan), "train": asdict(replace(settings.train, seed=seed)),
+    return fingerprint({"plan": plan_fingerprint(plan), "train": replace(settings.train, seed=seed).record(),
                         "sweep": [sorted(settings.lrs), settings.sweep_steps] if settings.sweeps(arm) else None,
                         "train_data": data_fingerprint(train_set), "test_data": data_fingerprint(test_set),
                         "max_new_tokens": settings.max_new_tokens}
                        | ({"plan_file": arm.digest} if isinstance(arm, PlanArm) else {})
-                       | ({"arm_lr": own} if (own := _own_rate(arm)) is not None else {}))
+                       | ({"arm_lr": own} if (own := _own_rate(arm)) is not None else {})
+                       | ({"eval_at": sorted(settings.eval_at)} if settings.eval_at else {}))
 
 
 def _own_rate(arm: Arm) -> float | None:
@@ -161,9 +173,19 @@ def _finished(folder: Path, key: str) -> ArmRun | None:
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         if metrics.get("compare_key") != key:
             return None
-        return ArmRun(metrics, pd.read_csv(folder / "predictions.csv"), list(pd.read_csv(folder / "loss.csv")["loss"]))
+        return ArmRun(metrics, pd.read_csv(folder / "predictions.csv"), list(pd.read_csv(folder / "loss.csv")["loss"]),
+                      _read_milestones(folder, metrics.get("eval_at") or ()))
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _read_milestones(folder: Path, steps) -> dict[int, ArmRun]:
+    """The evaluations an earlier run made before its last step (steps.csv and predictions-step-N.csv)."""
+    if not steps:
+        return {}
+    table = pd.read_csv(folder / "steps.csv").set_index("step")
+    return {int(s): ArmRun(table.loc[int(s)].to_dict(), pd.read_csv(folder / f"predictions-step-{s}.csv"), [])
+            for s in steps}
 
 
 def _check_same_kind(arm: Arm, folders: list[Path]) -> None:
@@ -183,15 +205,39 @@ def _check_same_kind(arm: Arm, folders: list[Path]) -> None:
 def _train_seed(model, tokenizer, plan, seed, lr, splits, settings, folder, eval_kwargs, model_name, extra,
                 progress) -> ArmRun:
     train_set, val_set, test_set = splits
+    milestones: dict[int, ArmRun] = {}
+
+    def milestone(step: int, trained) -> None:  # the test split (and validation) part-way through the run
+        result = ev.evaluate(trained, tokenizer, test_set, **(eval_kwargs | {"progress": False}))
+        milestones[step] = ArmRun(_evaluation_values(result, settings.val_loss(trained, tokenizer, val_set)),
+                                  ev.predictions_frame(test_set, result), [])
+
     run = train(copy.deepcopy(model), tokenizer, plan, train_set,
-                replace(settings.train, lr=lr, seed=seed, save_every=0), progress=progress)
+                replace(settings.train, lr=lr, seed=seed, save_every=0), progress=progress,
+                evaluate_at=set(settings.eval_at or ()), on_evaluate=milestone)
     val_loss = settings.val_loss(run.model, tokenizer, val_set)
-    result, metrics = finish_run(run, plan, tokenizer, test_set, folder, eval_kwargs=eval_kwargs,
-                                 model_name=model_name, extra=extra | {"val_loss": val_loss, "seed": seed})
-    arm_run = ArmRun(metrics, ev.predictions_frame(test_set, result), list(run.losses))
+    result, metrics = finish_run(run, plan, tokenizer, test_set, folder, eval_kwargs=eval_kwargs, model_name=model_name,
+                                 extra=extra | {"val_loss": val_loss, "seed": seed, "eval_at": sorted(milestones)})
+    arm_run = ArmRun(metrics, ev.predictions_frame(test_set, result), list(run.losses), milestones)
+    if milestones:
+        _write_milestones(folder, arm_run, settings.train.steps)
     del run
     gc.collect()
     return arm_run
+
+
+def _evaluation_values(result, val_loss: float) -> dict:
+    return {"eval_loss": result.eval_loss, "exact_match": result.exact_match, "val_loss": val_loss}
+
+
+def _write_milestones(folder: Path, arm_run: ArmRun, steps: int) -> None:
+    """steps.csv (every evaluated step, the last included) and each earlier step's predictions, beside the run."""
+    ledger = run_ledger(folder)
+    for step, at in arm_run.milestones.items():
+        write_csv(folder / f"predictions-step-{step}.csv", at.predictions, ledger=ledger)
+    rows = [{"step": s, **{k: at.metrics.get(k) for k in STEP_VALUES}} for s, at in sorted(arm_run.milestones.items())]
+    rows.append({"step": steps, **{k: arm_run.metrics.get(k) for k in STEP_VALUES}})
+    write_csv(folder / "steps.csv", pd.DataFrame(rows), ledger=ledger)
 
 
 def _kept(arm: Arm, seed: int, previous: ArmRun, log) -> ArmRun:
@@ -265,7 +311,7 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
     for arm in settings.arms if settings.resume else ():  # before anything is trained or written
         folder = out / "arms" / arm_folder(arm)
         _check_same_kind(arm, [folder] + [folder / f"seed-{k}" for k in range(settings.seeds)])
-    rows, curves = _floor_rows(model, tokenizer, splits, settings, eval_kwargs, kind, out, log), {}
+    rows, curves, steps = _floor_rows(model, tokenizer, splits, settings, eval_kwargs, kind, out, log), {}, []
     default_k, data_key = selector_k(settings.arms), data_fingerprint(splits[0])
     first: list[ArmRun] | None = None  # the reference's runs, which every later arm is tested against
     for arm in tqdm(settings.ordered_arms(), desc="arms", disable=not progress):
@@ -276,12 +322,25 @@ def run_compare(model, tokenizer, base: Plan, splits, settings: CompareSettings,
         arm_values = arm_row(arm.label, arm.strategy, plans, runs, full, first, settings.train.seed)
         first = first or runs
         rows.append(arm_values)
+        steps += step_rows(arm.label, runs, settings.train.seed)
         curves[arm.label] = runs[0].losses
         log(f"{arm.label}: {arm_values['trainable_params']:,.0f} params, lr {arm_values['lr']:g}, eval loss "
             f"{arm_values['eval_loss']:.3f}" + ("" if pd.isna(arm_values["exact_match"]) else
                                                 f", exact match {100 * arm_values['exact_match']:.1f}%")
             + f", {arm_values['sec_per_step']:.2f} s/step")
-    return Comparison(pd.DataFrame(rows, columns=TABLE_COLUMNS), curves, kind)
+    return Comparison(pd.DataFrame(rows, columns=TABLE_COLUMNS), curves, kind,
+                      pd.DataFrame(steps, columns=STEP_COLUMNS) if steps else None)
+
+
+def parse_steps(text: str) -> tuple[int, ...] | None:
+    """`--eval-at 40,160`: the earlier steps each run is also evaluated at, in order, each once."""
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise PlacementError(f"--eval-at '{text}' is not a comma-separated list of steps: pass e.g. 40,160") from None
+    if any(s < 1 for s in steps):
+        raise PlacementError(f"--eval-at '{text}' holds a step below 1: pass steps from 1 to below --steps")
+    return tuple(steps) or None
 
 
 def parse_rates(text: str | None) -> tuple[float, ...]:

@@ -2,7 +2,7 @@
 the form people read it in, and the files it is written to (comparison.csv, .md, .json, curves.png)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import pandas as pd
 from ..families import lora
 from ..outputs import write_csv, write_json, write_text
 from ..plan.plan import Plan
-from ..report.figures import loss_curves
+from ..report.figures import loss_curves, step_curves
 from . import stats
 
 TABLE_COLUMNS = ["arm", "family", "sites", "r", "trainable_params", "params_pct", "lr", "lr_at_edge", "seeds",
@@ -32,6 +32,7 @@ class ArmRun:
     metrics: dict
     predictions: pd.DataFrame
     losses: list[float]
+    milestones: dict[int, "ArmRun"] = field(default_factory=dict)  # evaluations before the last step, by step
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Comparison:
     table: pd.DataFrame
     curves: dict[str, list[float]]
     kind: str | None
+    steps: pd.DataFrame | None = None  # the learning curves of --eval-at: a row per arm and evaluated step
 
     def markdown(self) -> str:
         return formatted_table(self.table).to_markdown(index=False)
@@ -107,6 +109,30 @@ def arm_row(label: str, strategy: str, plans: list[Plan], runs: list[ArmRun], fu
               draws=draws(plans) if strategy in RANDOM_KINDS else "",
               placement_version=distinct("placement_version"), git_commit=distinct("git_commit"))
     return out | statistics(runs, first, seed)
+
+
+STEP_COLUMNS = ["arm", "step", "seeds", "exact_match", "exact_match_lo", "exact_match_hi", "eval_loss",
+                "eval_loss_lo", "eval_loss_hi", "val_loss", "interval", "exact_match_per_seed"]
+
+
+def step_rows(label: str, runs: list[ArmRun], seed: int = 0) -> list[dict]:
+    """An arm's learning curve: at each step every seed was evaluated at (the last included), the means over seeds
+    with the intervals the table gives, so the last row is the arm's row of the table."""
+    if not runs or not runs[0].milestones:
+        return []
+    shared = sorted(set.intersection(*(set(r.milestones) for r in runs)))
+    points = [(step, [r.milestones[step] for r in runs]) for step in shared]
+    points.append((int(runs[0].metrics["steps"]), runs))
+    rows = []
+    for step, at in points:
+        values = {k: float(np.mean([r.metrics.get(k, np.nan) for r in at])) for k in ("exact_match", "eval_loss",
+                                                                                      "val_loss")}
+        per_seed = "|".join(f"{100 * r.metrics['exact_match']:.1f}" for r in at
+                            if r.metrics.get("exact_match") is not None and pd.notna(r.metrics["exact_match"]))
+        found = statistics(at, None, seed)
+        rows.append({c: found.get(c, np.nan) for c in STEP_COLUMNS} | values
+                    | {"arm": label, "step": step, "seeds": len(at), "exact_match_per_seed": per_seed})
+    return rows
 
 
 def formatted_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -245,4 +271,9 @@ def write_comparison(comparison: Comparison, out, title: str = "") -> list:
     write_json(out / "comparison.json", ({"kind": comparison.kind, "rows": comparison.table.to_dict("records"),
                                           "curves": comparison.curves}))
     loss_curves(comparison.curves, comparison.table, out / "curves.png", title=title)
-    return [out / n for n in ("comparison.csv", "comparison.md", "comparison.json", "curves.png")]
+    written = ["comparison.csv", "comparison.md", "comparison.json", "curves.png"]
+    if comparison.steps is not None and len(comparison.steps):
+        write_csv(out / "steps.csv", comparison.steps)
+        step_curves(comparison.steps, comparison.table, out / "steps.png", title=title)
+        written += ["steps.csv", "steps.png"]
+    return [out / n for n in written]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -119,7 +118,7 @@ def save_checkpoint(out: Path, peft_model, optimizer, schedule, step: int, losse
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "losses": losses, "lrs": lrs, "optimizer": groups, "schedule": schedule.state_dict(),
-            "settings": asdict(settings), **fingerprints,
+            "settings": settings.record(), **fingerprints,
         }))
         fsync_tree(tmp)
     write_text(folder / POINTER, target.name + "\n", ledger=ledger)
@@ -170,7 +169,7 @@ def load_checkpoint(folder: Path, peft_model, optimizer, schedule, settings, fin
             raise TrainError(f"the checkpoint in {run} was made with {what}: resume with the plan and data it was "
                              "made with, or pass --overwrite to start afresh")
     saved = {k: v for k, v in state["settings"].items() if k != "save_every"}
-    asked = {k: v for k, v in asdict(settings).items() if k != "save_every"}
+    asked = {k: v for k, v in settings.record().items() if k != "save_every"}
     if saved != asked:
         changed = sorted(k for k in asked if saved.get(k) != asked[k])
         raise TrainError(f"the checkpoint in {run} was made with other settings ({', '.join(changed)}): "

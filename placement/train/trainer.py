@@ -2,7 +2,9 @@
 with AdamW. Checkpoints and resume are in `checkpoints.py`, the saved adapter and run files in `export.py`.
 
 One documented rule for every placement, so a comparison is fair: AdamW without weight decay, linear warm-up over
-the first 10% of steps then linear decay to zero, gradient clipping at norm 1.0, the same data order and seed.
+the first 10% of steps then linear decay to zero, gradient clipping at norm 1.0, the same data order and seed. A
+learning curve from one run takes `--schedule constant` and a fixed `--warmup-steps` instead, so that the adapter at
+step 40 of a long run is the one a 40-step run of the same settings ends with.
 The trainer pays only for what it trains: the base stays frozen and the input embeddings never require grad, so
 autograd records nothing below the lowest adapted layer, and logits are taken only at labelled positions.
 """
@@ -35,6 +37,21 @@ from .checkpoints import (CHECKPOINTS, POINTER, TrainError, checkpoint_refusal, 
 from .export import refuse_merge, save_adapter, save_merged, write_run  # noqa: F401
 
 
+def _linear(optimizer, settings: TrainSettings):
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, settings.warmup_span(), settings.steps)
+
+
+def _constant(optimizer, settings: TrainSettings):
+    from transformers import get_constant_schedule_with_warmup
+
+    return get_constant_schedule_with_warmup(optimizer, settings.warmup_span())
+
+
+SCHEDULES = {"linear": _linear, "constant": _constant}  # --schedule NAME: the rate after the warm-up
+
+
 @dataclass
 class TrainSettings:
     # Fields with a "help" are command-line options too (placement/cli_settings.py builds them).
@@ -44,7 +61,12 @@ class TrainSettings:
         "help": "peak learning rate (validate: the same for every site)", "range": (0, 10)})
     batch_size: int = field(default=8, metadata={"help": "examples per batch", "range": (1, 2 ** 16)})
     max_length: int = field(default=256, metadata={"help": "tokens per example, at most", "range": (1, 2 ** 20)})
-    warmup: float = 0.1  # fraction of steps
+    warmup: float = 0.1  # fraction of steps, unless warmup_steps is given
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "steps of linear warm-up (default: 10% of --steps)", "range": (0, 10 ** 9)})
+    schedule: str = field(default="linear", metadata={
+        "help": "the rate after the warm-up: linear decay to zero at the last step, or constant",
+        "choices": tuple(SCHEDULES)})
     clip: float = 1.0
     weight_decay: float = 0.0
     seed: int = field(default=0, metadata={  # numpy's generators take at most 2**32 - 1
@@ -70,10 +92,24 @@ class TrainSettings:
             raise TrainError(f"--save-every {self.save_every} is negative: pass 0 (no checkpoints) or a step count")
         if self.fsdp and self.save_every:
             raise TrainError("--save-every is not supported with --fsdp: the adapter is saved once, at the end")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise TrainError(f"--warmup-steps {self.warmup_steps} leaves no step of training after it: pass fewer "
+                             f"than --steps {self.steps}")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"--schedule {self.schedule} is not a schedule: pass one of {', '.join(SCHEDULES)}")
 
-    @property
-    def warmup_steps(self) -> int:
-        return int(self.warmup * self.steps)
+    def warmup_span(self) -> int:
+        """Steps of the linear warm-up: the given count, else the fraction of the run."""
+        return int(self.warmup * self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    def record(self) -> dict:
+        """The settings as fingerprints and checkpoints record them. The schedule options are left out at their
+        defaults, so results recorded before these options existed keep their keys (and --resume keeps them)."""
+        out = asdict(self)
+        for name, default in (("warmup_steps", None), ("schedule", "linear")):
+            if out[name] == default:
+                del out[name]
+        return out
 
 
 @dataclass
@@ -172,9 +208,7 @@ def _step_loss(peft_model, device, settings: TrainSettings, root=None):
 
 
 def _schedule(optimizer, settings: TrainSettings):
-    from transformers import get_linear_schedule_with_warmup
-
-    return get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    return SCHEDULES[settings.schedule](optimizer, settings)
 
 
 def _optimiser(peft_model, settings: TrainSettings):
@@ -212,14 +246,17 @@ def _start(out, resume: bool, ledger, peft_model, optimizer, schedule, settings,
 
 
 def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings, *, out: str | Path | None = None,
-          resume: bool = False, progress: bool = False, on_step=None, ledger=None) -> TrainResult:
+          resume: bool = False, progress: bool = False, on_step=None, ledger=None, evaluate_at=(),
+          on_evaluate=None) -> TrainResult:
     """Train the plan's adapter. `model` is modified in place and returned with the adapter on it (a PeftModel for
     PEFT's families).
 
     With `out` and `settings.save_every`, a checkpoint (adapter, optimizer, schedule, RNG, step, and fingerprints of
     the plan and the data) is written under `out/checkpoints` every `save_every` steps, through the run folder's
     `ledger` (by default the one the command opened for `out`); `resume` continues from the newest complete one and
-    ends with the same adapter as an uninterrupted run. `on_step(step, loss)` is called after every step.
+    ends with the same adapter as an uninterrupted run. `on_step(step, loss)` is called after every step, and
+    `on_evaluate(step, model)` after each step of `evaluate_at` before the last, with the model in eval mode: a learning
+    curve from one run (greedy evaluation draws no random numbers, so the run goes on as it would have).
     """
     settings.check()
     batches = data_mod.training_batches(tokenizer, examples, steps=settings.steps, batch_size=settings.batch_size,
@@ -251,6 +288,10 @@ def train(model, tokenizer, plan: Plan, examples: list, settings: TrainSettings,
                                 ledger)
             if on_step is not None:
                 on_step(done, value)
+            if on_evaluate is not None and done in evaluate_at and done < settings.steps:
+                peft_model.eval()
+                on_evaluate(done, peft_model)
+                peft_model.train()
     peft_model.eval()
     if root is not None:  # evaluation calls the decoder and the head directly: keep the root's weights gathered
         root.unshard()
