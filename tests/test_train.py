@@ -118,6 +118,9 @@ def test_resume_without_checkpoint_or_with_other_settings_is_refused(make_plan, 
     with pytest.raises(TrainError, match="other settings.*lr"):
         train(tiny_model("llama"), tokenizer, plan, examples(), settings(steps=4, save_every=2, lr=1e-3),
               out=tmp_path, resume=True)
+    with pytest.raises(TrainError, match="other settings.*schedule"):  # a changed schedule is a changed run
+        train(tiny_model("llama"), tokenizer, plan, examples(), settings(steps=4, save_every=2, schedule="constant"),
+              out=tmp_path, resume=True)
 
 
 def test_non_finite_loss_names_the_step(make_plan, tokenizer):
