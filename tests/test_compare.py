@@ -350,6 +350,11 @@ def test_a_learning_curve_from_one_run_matches_the_shorter_run_and_resumes(make_
     write_comparison(long, tmp_path / "long", title="tiny")
     assert (tmp_path / "long" / "steps.png").stat().st_size > 0
     assert list(pd.read_csv(tmp_path / "long" / "steps.csv")["step"]) == [2, 4]
+    from placement.report.html import build
+    assert "Quality against training steps" in build(tmp_path / "long")
+    write_comparison(short, tmp_path / "short", title="tiny")
+    assert "Quality against training steps" not in build(tmp_path / "short")
+    assert not (tmp_path / "short" / "steps.csv").exists()
     kept = []
     again = run_compare(model, tokenizer, base, splits, replace(settings, resume=True), tmp_path / "long",
                         log=kept.append)

@@ -170,6 +170,9 @@ def _later_sections(files, run: Path, validation, stability, comparison) -> list
         parts.append("<h2>Training the placements</h2>" + _table(formatted_table(comparison))
                      + "".join(f"<p>{html.escape(n)}</p>" for n in notes(comparison).split("\n\n") if n)
                      + _image(files, run / "curves.png", "training loss per arm and quality against cost"))
+        if files.has(run / "steps.png"):
+            parts.append("<h2>Quality against training steps</h2>"
+                         + _image(files, run / "steps.png", "exact match at each evaluated step, a line per arm"))
     info = read_run(run)
     if info is not None:
         parts.append("<h2>Made by</h2><pre>" + html.escape(" ".join(map(str, info.get("command", [])))) + "</pre>"
