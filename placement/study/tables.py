@@ -111,6 +111,7 @@ def arm_row(label: str, strategy: str, plans: list[Plan], runs: list[ArmRun], fu
     return out | statistics(runs, first, seed)
 
 
+STEP_VALUES = ("eval_loss", "exact_match", "val_loss")  # what each evaluated step records, per run and per arm
 STEP_COLUMNS = ["arm", "step", "seeds", "exact_match", "exact_match_lo", "exact_match_hi", "eval_loss",
                 "eval_loss_lo", "eval_loss_hi", "val_loss", "interval", "exact_match_per_seed"]
 
@@ -125,8 +126,7 @@ def step_rows(label: str, runs: list[ArmRun], seed: int = 0) -> list[dict]:
     points.append((int(runs[0].metrics["steps"]), runs))
     rows = []
     for step, at in points:
-        values = {k: float(np.mean([r.metrics.get(k, np.nan) for r in at])) for k in ("exact_match", "eval_loss",
-                                                                                      "val_loss")}
+        values = {k: float(np.mean([r.metrics.get(k, np.nan) for r in at])) for k in STEP_VALUES}
         per_seed = "|".join(f"{100 * r.metrics['exact_match']:.1f}" for r in at
                             if r.metrics.get("exact_match") is not None and pd.notna(r.metrics["exact_match"]))
         found = statistics(at, None, seed)
