@@ -30,8 +30,9 @@ from ..train.run import finish_run
 from ..train.trainer import TrainError, TrainSettings, data_fingerprint, fingerprint, plan_fingerprint, train
 from .arms import (PlanArm, arm_folder, arm_kind, arm_plan, arm_plans, code_record, family_rankings,  # noqa: F401
                    read_arms, read_family_ranking, with_default_variant)
-from .tables import (STEP_COLUMNS, STEP_VALUES, TABLE_COLUMNS, ArmRun, Comparison, arm_row, demo_summary, em_text,  # noqa: F401
-                     formatted_table, notes, row, statistics, step_rows, variant_note, write_comparison)
+from .tables import (STEP_COLUMNS, STEP_VALUES, TABLE_COLUMNS, ArmRun, Comparison, arm_row,  # noqa: F401
+                     demo_summary, em_text, formatted_table, notes, row, statistics, step_rows, variant_note,
+                     write_comparison)
 
 SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
