@@ -1,11 +1,14 @@
 """The trainer on tiny models: loss falls, adapters round-trip through PEFT, resume is exact, and training pays
 only for the adapted layers."""
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from placement import data as data_mod
+from placement.model.checkpointing import enable_checkpointing, is_checkpointing
 from placement.plan import Strategy
 from placement.train import TrainError, TrainSettings, apply_plan, save_adapter, train, write_run, run_metrics
 from tiny import tiny_model, tiny_tokenizer
@@ -167,12 +170,24 @@ def test_rank_override_keeps_alpha_over_r(make_plan):
     assert model.peft_config["default"].r == 16
 
 
+def test_a_plan_on_a_checkpointed_model_warns_of_no_renaming(make_plan):
+    # transformers v5 renamed is_gradient_checkpointing; reading the old name (ours or PEFT's) warns on every run
+    model = tiny_model("llama", num_hidden_layers=3)
+    plan = make_plan(model, Strategy("top-k", k=3))
+    enable_checkpointing(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_plan(model, plan)
+    assert is_checkpointing(model)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(make_plan, tokenizer):
     plan = make_plan(tiny_model("llama", num_hidden_layers=3), Strategy("top-k", k=3))
     plain = train(tiny_model("llama", num_hidden_layers=3), tokenizer, plan, examples(), settings(steps=3))
     saved = train(tiny_model("llama", num_hidden_layers=3), tokenizer, plan, examples(),
                   settings(steps=3, checkpointing=True))
-    assert saved.model.base_model.model.is_gradient_checkpointing
+    assert is_checkpointing(saved.model.base_model.model)
     a = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
     b = {k: v for k, v in saved.model.named_parameters() if v.requires_grad}
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.checkpointing import quiet_renaming
 from .base import FAMILIES, Own
 
 
@@ -41,7 +42,8 @@ def attach(model, config, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    with quiet_renaming():
+        return get_peft_model(model, config)
 
 
 def base_of(model):

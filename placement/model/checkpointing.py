@@ -2,6 +2,9 @@
 installed transformers gives it (`activation_checkpointing_*` from v5, `gradient_checkpointing_*` before)."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from torch import nn
 
 NON_REENTRANT = {"use_reentrant": False}  # blocks then need no input that requires grad; the base stays frozen
@@ -19,3 +22,17 @@ def disable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether checkpointing is on, read under the current name: the old one warns of its renaming from v5."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
+@contextlib.contextmanager
+def quiet_renaming():
+    """For calls into PEFT, which still reads `is_gradient_checkpointing` and so sets off its renaming warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

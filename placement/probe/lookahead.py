@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import PlacementError
+from ..model.checkpointing import quiet_renaming
 from ..model.loss import token_loss
 from ..model.sites import Site
 
@@ -87,7 +88,8 @@ def _adapted(model: nn.Module, sites: list[Site], lora_kwargs: dict, seed: int):
     flags = [(p, p.requires_grad) for p in model.parameters()]
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(target_modules=[s.name for s in sites], **kwargs))
+    with quiet_renaming():
+        peft_model = get_peft_model(model, LoraConfig(target_modules=[s.name for s in sites], **kwargs))
     torch.set_rng_state(rng)
     peft_model.eval()
     try:

@@ -13,6 +13,7 @@ import torch
 from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
 from ..families import family_names, get_family
+from ..model.checkpointing import quiet_renaming
 
 
 def __getattr__(name):  # the virtual-token families, as registered when asked (a family may register late)
@@ -68,7 +69,8 @@ def prompt_scores(model, batches: list, families: list[str], length: int = 10, m
         try:
             copied = copy.deepcopy(model)
             torch.manual_seed(seed)
-            peft_model = get_peft_model(copied, config).eval()
+            with quiet_renaming():
+                peft_model = get_peft_model(copied, config).eval()
         except ValueError as err:
             raise PlacementError(f"PEFT cannot add {name} to this model: {str(err).splitlines()[0]}") from err
         parts = get_family(name).parts(peft_model, model, length)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from ..errors import PlacementError
 from ..families import adapters
 from ..families.lora import init_problem, lora_config
+from ..model.checkpointing import is_checkpointing, quiet_renaming
 from ..plan.plan import Plan
 
 ADAPTER = "default"
@@ -72,10 +72,9 @@ def apply(model, plan: Plan | str | Path, *, variant: str | None = None, r: int 
         return adapters.attach(model, plan.adapter_config(model))
     config = lora_config(_overrides({k: v for k, v in plan.peft.items() if k != "target_modules"}, overrides)
                          | {"target_modules": plan.targets})
-    if getattr(base, "is_gradient_checkpointing", False):
+    if is_checkpointing(base):
         base.enable_input_require_grads()
-    with warnings.catch_warnings():  # PEFT still calls a transformers method that now warns of its renaming
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_renaming():
         if isinstance(model, PeftModel):
             if adapter_name in model.peft_config:
                 raise PlacementError(f"the model already has an adapter named {adapter_name!r}: pass "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,19 +139,17 @@ def apply_plan(model, plan: Plan, seed: int = 0):
     adapter (lora_A, a bottleneck's down-projection, virtual tokens) is fixed by `seed`."""
     plan.check(model)
     _check_variant_sites(model, plan)
-    with warnings.catch_warnings():  # PEFT still calls a transformers method that now warns of its renaming
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        try:
-            return adapters.attach(model, plan.adapter_config(model), seed)
-        except PlacementError:
+    try:
+        return adapters.attach(model, plan.adapter_config(model), seed)
+    except PlacementError:
+        raise
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+        if plan.family == "lora" and plan.variant == "lora":
             raise
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-            if plan.family == "lora" and plan.variant == "lora":
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            what = f"the {plan.variant} variant" if plan.family == "lora" else f"{plan.family}"
-            raise PlacementError(f"PEFT cannot apply {what} to this plan's sites ({first}): "
-                                 "choose another --variant, family or sites") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        what = f"the {plan.variant} variant" if plan.family == "lora" else f"{plan.family}"
+        raise PlacementError(f"PEFT cannot apply {what} to this plan's sites ({first}): "
+                             "choose another --variant, family or sites") from err
 
 
 def _check_variant_sites(model, plan: Plan) -> None:
