@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import PlacementError
-from ..model.checkpointing import quiet_renaming
+from ..families import adapters
 from ..model.loss import token_loss
 from ..model.sites import Site
 
@@ -81,15 +81,13 @@ def _lora_layers(peft_model, sites: list[Site]) -> dict[str, nn.Module]:
 def _adapted(model: nn.Module, sites: list[Site], lora_kwargs: dict, seed: int):
     """`model` with a PEFT LoRA on every site (A drawn after `torch.manual_seed(seed)`), frozen base, eval mode;
     the adapters removed, the flags and the caller's random stream restored afterwards."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     kwargs = {k: v for k, v in lora_kwargs.items() if k not in ("target_modules", "task_type")}
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     rng = torch.get_rng_state()
-    torch.manual_seed(seed)
-    with quiet_renaming():
-        peft_model = get_peft_model(model, LoraConfig(target_modules=[s.name for s in sites], **kwargs))
+    peft_model = adapters.attach(model, LoraConfig(target_modules=[s.name for s in sites], **kwargs), seed)
     torch.set_rng_state(rng)
     peft_model.eval()
     try:

@@ -12,8 +12,7 @@ import torch
 
 from ..distributed import all_sum, rank_and_world
 from ..errors import PlacementError
-from ..families import family_names, get_family
-from ..model.checkpointing import quiet_renaming
+from ..families import adapters, family_names, get_family
 
 
 def __getattr__(name):  # the virtual-token families, as registered when asked (a family may register late)
@@ -53,8 +52,6 @@ def prompt_scores(model, batches: list, families: list[str], length: int = 10, m
                   checkpointing: bool = False, seed: int = 0) -> pd.DataFrame:
     """One row per (family, site): the mean over batches of the first gradient's squared norm. The virtual tokens
     are PEFT's random init after `torch.manual_seed(seed)`; the score is that of this draw."""
-    from peft import get_peft_model
-
     if max_length is not None and length > max_length:
         raise PlacementError(f"a virtual-token length of {length} is longer than --max-length {max_length}: pass a "
                              "shorter one")
@@ -68,9 +65,7 @@ def prompt_scores(model, batches: list, families: list[str], length: int = 10, m
         config = scoring_config(model, name, length)
         try:
             copied = copy.deepcopy(model)
-            torch.manual_seed(seed)
-            with quiet_renaming():
-                peft_model = get_peft_model(copied, config).eval()
+            peft_model = adapters.attach(copied, config, seed).eval()
         except ValueError as err:
             raise PlacementError(f"PEFT cannot add {name} to this model: {str(err).splitlines()[0]}") from err
         parts = get_family(name).parts(peft_model, model, length)
